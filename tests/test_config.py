@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safefreeze import SAFEConfig
+
+
+def test_defaults_are_valid_and_round_trip_through_json() -> None:
+    config = SAFEConfig(warmup_steps=7, freeze_end_step=30, tau_target=0.4, group_by=r".*layer\.(\d+)\..*")
+    assert SAFEConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["tau_target"] == 0.4
+    assert SAFEConfig.from_dict(SAFEConfig().to_dict()) == SAFEConfig()
+
+
+def test_from_epochs_converts_to_optimizer_steps() -> None:
+    config = SAFEConfig.from_epochs(40, warmup_epochs=0.5, freeze_end_epoch=3, tau_target=0.3)
+    assert (config.warmup_steps, config.freeze_end_step, config.tau_target) == (20, 120, 0.3)
+    with pytest.raises(ValueError, match="steps_per_epoch >= 1, got 0"):
+        SAFEConfig.from_epochs(0, warmup_epochs=1, freeze_end_epoch=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"warmup_steps": 100, "freeze_end_step": 50}, "freeze_end_step=50, warmup_steps=100"),
+        ({"warmup_steps": 0}, "warmup_steps >= 1, got warmup_steps=0"),
+        ({"tau_target": 1.5}, "0 <= tau_target <= 1.0 with normalization='max', got tau_target=1.5"),
+        ({"tau_target": -0.1}, "got tau_target=-0.1"),
+        ({"tau_target": float("nan")}, "finite number, got tau_target=nan"),
+        ({"normalization": "mean"}, "got normalization='mean'"),
+        ({"score_every": 0}, "score_every >= 1, got score_every=0"),
+        ({"max_tokens": 3}, "max_tokens >= 4"),
+        ({"group_by": "(["}, "not a valid regex"),
+        ({"group_by": r"layer\.\d+"}, "at least one capture group"),
+    ],
+)
+def test_invalid_configs_name_the_bad_value(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(ValueError) as info:
+        SAFEConfig(**kwargs)  # type: ignore[arg-type]
+    assert words in str(info.value)
+
+
+def test_tau_above_one_is_allowed_for_raw_scores() -> None:
+    assert SAFEConfig(normalization="none", tau_target=2.0).tau_target == 2.0
+
+
+def test_wrong_types_and_unknown_keys() -> None:
+    with pytest.raises(TypeError, match=r"warmup_steps must be an int, got 1.5"):
+        SAFEConfig(warmup_steps=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown SAFEConfig field\(s\) \['warmup'\]"):
+        SAFEConfig.from_dict({"warmup": 3})
+    with pytest.raises(ValueError, match="must be an object, got list"):
+        SAFEConfig.from_json("[1, 2]")
+
+
+def test_config_is_frozen() -> None:
+    config = SAFEConfig()
+    with pytest.raises(AttributeError):
+        config.tau_target = 0.1  # type: ignore[misc]

@@ -1,0 +1,210 @@
+"""The engine: scoring from training forwards, warnings, units, and driving it by hand."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from models import BottleneckNet, HandLoRANet, peft_bert
+from torch import nn
+
+from safefreeze import AdapterPattern, FreezeController, SAFEConfig, SAFEOptimizer
+from safefreeze.cka._torch import STAT_BATCHES, STAT_ROWS_SKIPPED, STAT_ROWS_USED
+
+HAND_LORA = AdapterPattern(base="base", params=r"lora_(?:down|up)\..+")
+BOTTLENECK = AdapterPattern(site=r".*\.adapter", base=None, params=r"(?:down|up)\..+")
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, x: torch.Tensor | None = None) -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        inp = torch.randn(16, 8, generator=g) if x is None else x
+        model(inp).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _bert_batch(seed: int, pad_from: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[:, pad_from:] = 0
+    return {
+        "input_ids": torch.randint(0, 100, (4, 16), generator=g),
+        "attention_mask": mask,
+        "labels": torch.randint(0, 3, (4,), generator=g),
+    }
+
+
+def test_scores_padding_masked_tokens_subsampled_on_sampled_steps() -> None:
+    model = peft_bert(("query", "value"))
+    model.train()
+    config = SAFEConfig(warmup_steps=6, freeze_end_step=8, tau_target=0.0, score_every=2, max_tokens=32)
+    opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
+    stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
+    for step in range(5):
+        model(**_bert_batch(step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    # Steps 0, 2, 4 are scored; each sees 4 x 12 = 48 real tokens, subsampled to 32.
+    assert stats[:, STAT_BATCHES].tolist() == [3.0] * 4
+    assert stats[:, STAT_ROWS_USED].tolist() == [96.0] * 4
+    assert stats[:, STAT_ROWS_SKIPPED].tolist() == [0.0] * 4
+    assert opt.controller.scoring
+    opt.step()  # step 6 = warmup_steps: scores are final, hooks gone
+    assert not opt.controller.scoring
+    assert opt.plan.scored_at == 6
+    assert max(opt.scores.values()) == 1.0
+    assert all(0.0 < s <= 1.0 for s in opt.scores.values())
+
+
+def test_eval_and_no_grad_forwards_are_not_scored() -> None:
+    model = HandLoRANet()
+    opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, pattern=HAND_LORA)
+    stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
+    model.eval()
+    model(torch.randn(16, 8))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 8))
+    assert stats.abs().sum().item() == 0.0
+    model(torch.randn(16, 8))
+    assert stats[:, STAT_BATCHES].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_bottleneck_adapters_are_scored_against_their_input() -> None:
+    torch.manual_seed(0)
+    model = BottleneckNet(depth=3)
+    config = SAFEConfig(warmup_steps=3, freeze_end_step=3, tau_target=1.0)
+    opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=BOTTLENECK)
+    _train(model, opt, 3)
+    raw = opt.plan.raw_scores
+    assert sorted(raw) == ["blocks.0.adapter", "blocks.1.adapter", "blocks.2.adapter"]
+    assert all(0.0 < s < 1.0 for s in raw.values())
+    assert len(opt.frozen) == 2  # tau_target=1.0 freezes all but the most important
+
+
+def test_nan_activations_are_skipped_and_a_nan_score_never_freezes() -> None:
+    torch.manual_seed(0)
+    model = HandLoRANet(depth=2)
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=1.0)
+    opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, config, pattern=HAND_LORA)
+    stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
+    x = torch.randn(16, 8)
+    x[:3] = math.nan  # 3 poisoned rows propagate through both layers
+    model(x).sum()
+    assert stats[:, STAT_ROWS_SKIPPED].tolist() == [3.0, 3.0]
+    assert stats[:, STAT_ROWS_USED].tolist() == [13.0, 13.0]
+
+    # Layer 1 sees only NaN during the whole warm-up: no score, a warning, never frozen.
+    opt.controller._accumulator.reset()  # type: ignore[union-attr]
+    poison = model.layers[0].register_forward_hook(lambda m, a, out: out * math.nan)
+    with pytest.warns(UserWarning, match=r"1 adapter\(s\) got no usable score.*'layers\.1'"):
+        _train(model, opt, 2)
+    poison.remove()
+    assert math.isnan(opt.plan.raw_scores["layers.1"])
+    assert not math.isnan(opt.plan.raw_scores["layers.0"])
+    _train(model, opt, 3)
+    assert "layers.1" not in opt.frozen
+
+
+def test_group_by_freezes_a_block_as_one_unit() -> None:
+    model = peft_bert(("query", "value"), layers=3)
+    model.train()
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=1.0, group_by=r".*\.layer\.(\d+)\..*")
+    opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
+    assert list(opt.controller.units) == ["0", "1", "2"]
+    for step in range(3):
+        model(**_bert_batch(step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    event = opt.plan.events[0]
+    assert event.step == 2 and len(event.units) == 2
+    # Each frozen unit took both of its block's adapters with it.
+    assert len(event.adapters) == 4
+    assert all(any(f"layer.{u}." in a for a in event.adapters) for u in event.units)
+    assert len(opt.frozen) == 4
+
+
+def test_frozen_prefix_with_grad_requiring_input_warns_once() -> None:
+    model = peft_bert(("query", "value"), layers=2)
+    model.enable_input_require_grads()
+    model.train()
+    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
+    # Freeze the lowest adapter by hand through the engine's own path.
+    opt.controller.plan.normalized_scores = {
+        u: (0.0 if "layer.0.attention.self.query" in u else 1.0) for u in opt.controller.units
+    }
+    opt.controller.plan.scored_at = 0
+    opt.controller.close()
+    opt.controller._recorder = None
+    model(**_bert_batch(0)).loss.backward()
+    opt.step()
+    assert opt.frozen == ["base_model.model.bert.encoder.layer.0.attention.self.query"]
+    with pytest.warns(UserWarning, match=r"enable_input_require_grads\(\)") as record:
+        model(**_bert_batch(1)).loss.backward()
+        model(**_bert_batch(2)).loss.backward()
+    assert sum("requires grad" in str(w.message) for w in record) == 1
+
+
+def test_frozen_prefix_without_grad_input_does_not_warn() -> None:
+    model = HandLoRANet(depth=3)
+    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=HAND_LORA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, opt, 4)
+    assert len(opt.frozen) == 2
+
+
+def test_a_framework_can_drive_the_engine_directly() -> None:
+    torch.manual_seed(0)
+    model = HandLoRANet(depth=3)
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=1.0)
+    engine = FreezeController(model, config, pattern=HAND_LORA)
+    events = []
+    engine.callbacks.append(events.append)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        model(torch.randn(16, 8)).square().mean().backward()
+        inner.step()
+        inner.zero_grad()
+        engine.on_step_end()  # e.g. from a trainer's on_optimizer_step callback
+    assert engine.step == 5
+    assert [e.step for e in events] == [e.step for e in engine.plan.events]
+    assert len(engine.frozen_adapters) == 2
+    for name in engine.frozen_adapters:
+        layer = model.get_submodule(name)
+        assert not layer.lora_down.weight.requires_grad and layer.lora_down.weight.grad is None
+    assert sum(e.state_bytes_freed for e in events) == 0  # the bare engine owns no optimizer state
+
+
+def test_resuming_under_another_config_is_refused() -> None:
+    model = HandLoRANet()
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5)
+    opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=HAND_LORA)
+    _train(model, opt, 1)
+    state = opt.state_dict()
+    other = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.9)
+    opt2 = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, other, pattern=HAND_LORA)
+    with pytest.raises(ValueError, match=r"another SAFEConfig.*'tau_target': \(0\.5, 0\.9\)"):
+        opt2.load_state_dict(state)
+
+
+def test_a_plan_whose_units_differ_is_refused_up_front() -> None:
+    from safefreeze import FreezePlan, PlanMismatchError
+
+    model = HandLoRANet()
+    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=HAND_LORA)
+    _train(model, opt, 2)
+    data = opt.plan.to_dict()
+    data["units"] = {("renamed" if k == "layers.0" else k): v for k, v in data["units"].items()}
+    for event in data["events"]:
+        event["units"] = ["renamed" if u == "layers.0" else u for u in event["units"]]
+    plan = FreezePlan.from_dict(data)
+    fresh = HandLoRANet()
+    with pytest.raises(PlanMismatchError, match=r"units do not match.*\['renamed'\].*\['layers\.0'\]"):
+        SAFEOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, plan=plan, pattern=HAND_LORA)
