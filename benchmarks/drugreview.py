@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from safefreeze import FreezeEvent, FreezePlan, SAFEConfig, SAFEOptimizer
+from safefreeze.demo import DEMO_TASK, demo_config
 from safefreeze.demo.data import load_drug_reviews
 from safefreeze.demo.task import RunResult, TaskConfig, build_model, encode, train
 
@@ -42,11 +43,6 @@ TARGETS = {  # SAFE vs plain LoRA, from the benchmark issue
     "warmup_overhead": 0.03,
     "flops_vs_oracle": 0.02,
 }
-
-
-def safe_config(task: TaskConfig, steps_per_epoch: int) -> SAFEConfig:
-    """The SAFE defaults this benchmark evaluates, in this task's epochs."""
-    return SAFEConfig.from_epochs(steps_per_epoch, warmup_epochs=0.25, freeze_end_epoch=1.0)
 
 
 def position_plan(plan: FreezePlan) -> FreezePlan:
@@ -111,7 +107,7 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
     train_split, test_split = load_drug_reviews()
     train_data, test_data = encode(train_split, task), encode(test_split, task)
     steps_per_epoch = train_data["labels"].shape[0] // task.batch_size
-    config = safe_config(task, steps_per_epoch)
+    config = demo_config(steps_per_epoch)
     results: list[RunResult] = []
     for seed in seeds:
 
@@ -183,14 +179,15 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=TaskConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=DEMO_TASK.epochs)
+    parser.add_argument("--max-length", type=int, default=DEMO_TASK.max_length, help="tokens per review")
     parser.add_argument("--limit", type=int, default=None, help="reviews per split (smoke tests)")
     parser.add_argument("--overhead-pairs", type=int, default=20)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "drugreview.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where benchmarks.md and plots go")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON results only")
     args = parser.parse_args(argv)
-    task = TaskConfig(epochs=args.epochs, limit=args.limit)
+    task = dataclasses.replace(DEMO_TASK, epochs=args.epochs, max_length=args.max_length, limit=args.limit)
     command = "python benchmarks/drugreview.py " + " ".join(argv if argv is not None else sys.argv[1:])
     data = run(task, args.seeds, args.overhead_pairs)
     data["command"] = command.strip()

@@ -10,7 +10,7 @@ from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPatt
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import AdapterRecord, FreezeEvent, FreezePlan, PlanError, PlanMismatchError
 from safefreeze.schedule import cubic_threshold
-from safefreeze.selection import normalize_scores, select_to_freeze
+from safefreeze.selection import lowest_first, normalize_scores, select_to_freeze
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "__version__",
     "cubic_threshold",
     "find_adapter_pairs",
+    "lowest_first",
     "normalize_scores",
     "select_to_freeze",
 ]

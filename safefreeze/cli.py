@@ -223,6 +223,12 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     demo.add_argument("--epochs", type=int, default=None, help="passes over the training reviews")
     demo.add_argument("--limit", type=int, default=None, help="use only the first N reviews of each split")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--order",
+        choices=("score", "depth"),
+        default="score",
+        help="freeze the adapters that score lowest (the paper), or as many from the lowest layer up",
+    )
     demo.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     demo.set_defaults(func=_demo, parser=demo)
 
@@ -237,7 +243,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.limit is not None:
         task = dataclasses.replace(task, limit=args.limit)
     try:
-        demo.run_demo(task, seed=args.seed, mlflow=False if args.no_mlflow else None)
+        demo.run_demo(task, seed=args.seed, order=args.order, mlflow=False if args.no_mlflow else None)
     except ModuleNotFoundError as err:
         raise CommandError(str(err)) from None
     return 0

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from safefreeze.selection import NORMALIZATIONS as _NORMALIZATIONS
+from safefreeze.selection import ORDERS as _ORDERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,15 @@ class SAFEConfig:
     # Score on every k-th optimizer step of the warm-up (1 = every step).
     score_every: int = 1
     # Tokens (rows) subsampled per adapter per scored step; None keeps every token.
-    max_tokens: int | None = 256
+    max_tokens: int | None = 64
     # Regex over adapter names; adapters with equal capture groups freeze as one unit.
     group_by: str | None = None
     # Seed of the scoring generator; scoring never touches the global RNG.
     seed: int = 0
+    # Which units a step freezes once n of them score below the threshold: "score" freezes
+    # those n (the paper); "depth" freezes the n lowest in the model, so the frozen set stays
+    # a lower prefix and saves activations and backward work, not only optimizer state.
+    order: str = "score"
 
     def __post_init__(self) -> None:
         for field in ("warmup_steps", "freeze_end_step", "score_every", "seed"):
@@ -60,6 +65,8 @@ class SAFEConfig:
                 f"SAFEConfig.normalization must be one of {_NORMALIZATIONS}, "
                 f"got normalization={self.normalization!r}"
             )
+        if self.order not in _ORDERS:
+            raise ValueError(f"SAFEConfig.order must be one of {_ORDERS}, got order={self.order!r}")
         tau = self.tau_target
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
             raise ValueError(f"SAFEConfig.tau_target must be a finite number, got tau_target={tau!r}")

@@ -21,7 +21,7 @@ from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPatt
 from safefreeze.hooks import ScoreRecorder
 from safefreeze.plan import AdapterRecord, FreezeEvent, FreezePlan, PlanError, PlanMismatchError
 from safefreeze.schedule import cubic_threshold
-from safefreeze.selection import normalize_scores, select_to_freeze
+from safefreeze.selection import lowest_first, normalize_scores, select_to_freeze
 
 # Called with the parameters to freeze; returns the optimizer-state bytes it freed.
 Freezer = Callable[[list[nn.Parameter]], int]
@@ -161,7 +161,13 @@ class FreezeController:
             freeze_end_step=cfg.freeze_end_step,
             tau_target=cfg.tau_target,
         )
-        chosen = select_to_freeze(self.plan.normalized_scores, threshold, self.frozen)
+        scores = self.plan.normalized_scores
+        if cfg.order == "depth":
+            # As many units as score below the threshold, taken from the bottom of the model.
+            below = len(select_to_freeze(scores, threshold))
+            chosen = lowest_first(list(self.units), scores, below - len(self.frozen), self.frozen)
+        else:
+            chosen = select_to_freeze(scores, threshold, self.frozen)
         return self._freeze(chosen, threshold) if chosen else None
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ machine, so they compare runs exactly where timings cannot.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -72,3 +72,22 @@ def measure_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tuple
         saved_bytes=sum(seen.values()),
     )
     return loss, costs
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (moments, step counters, ...).
+
+    Example:
+        >>> p = nn.Parameter(torch.zeros(10))
+        >>> opt = torch.optim.Adam([p])
+        >>> p.grad = torch.ones(10)
+        >>> opt.step()
+        >>> optimizer_state_bytes(opt)  # exp_avg, exp_avg_sq (10 floats each) and step
+        84
+    """
+    return sum(tensor_bytes(state.values()) for state in optimizer.state.values())
+
+
+def tensor_bytes(values: Iterable[object]) -> int:
+    """Bytes of the tensors among ``values``; anything else counts zero."""
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from safefreeze.config import SAFEConfig
 from safefreeze.controller import FreezeCallback, FreezeController
 from safefreeze.discovery import AdapterPattern
+from safefreeze.measure import tensor_bytes
 from safefreeze.plan import FreezePlan
 
 
@@ -182,9 +183,7 @@ class SAFEOptimizer(Optimizer):
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-            for value in self.optimizer.state.pop(p, {}).values():
-                if isinstance(value, torch.Tensor):
-                    freed += value.numel() * value.element_size()
+            freed += tensor_bytes(self.optimizer.state.pop(p, {}).values())
         for group in self.optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         return freed

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 NORMALIZATIONS = ("max", "sum", "none")
+ORDERS = ("score", "depth")
 
 
 def normalize_scores(scores: Mapping[str, float], method: str = "max") -> dict[str, float]:
@@ -75,3 +76,30 @@ def select_to_freeze(
         if name not in done and math.isfinite(score) and score < threshold
     ]
     return [name for _, name in sorted(chosen)]
+
+
+def lowest_first(
+    order: Sequence[str], normalized: Mapping[str, float], count: int, frozen: Iterable[str] = ()
+) -> list[str]:
+    """The ``count`` lowest unfrozen units in model order (SAFEConfig ``order="depth"``).
+
+    The threshold still decides *how many* units are frozen by a step (as many as score
+    below it); this decides *which*: the lowest ones, so the frozen set stays a lower prefix
+    of the model and backprop can stop above it. Units with a NaN score are never chosen.
+
+    Args:
+        order: Unit names in model order, lowest layer first.
+        normalized: Normalized score per unit.
+        count: How many to freeze.
+        frozen: Units already frozen.
+
+    Returns:
+        Up to ``count`` names, lowest first.
+
+    Example:
+        >>> lowest_first(["l0", "l1", "l2", "l3"], {"l0": 0.9, "l1": 0.1, "l2": 0.2, "l3": 1.0}, 2)
+        ['l0', 'l1']
+    """
+    done = set(frozen)
+    free = [u for u in order if u not in done and math.isfinite(normalized.get(u, math.nan))]
+    return free[: max(count, 0)]

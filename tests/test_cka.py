@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import safefreeze.cka
 from safefreeze.cka import CKAAccumulator, CKAUndefinedError, hsic_unbiased, linear_cka
 from safefreeze.cka._numpy import linear_cka_numpy
 from safefreeze.cka._torch import (
@@ -26,7 +27,8 @@ from safefreeze.cka._torch import (
     STAT_ROWS_USED,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+# The installed package's directory (the suite runs against the installed package).
+PACKAGE = Path(safefreeze.cka.__file__).resolve().parents[1]
 SHAPES = [(16, 8, 8), (64, 32, 5), (100, 3, 50)]
 PROPERTY = settings(max_examples=25, deadline=None)
 
@@ -408,11 +410,11 @@ def test_numpy_reference_imports_without_torch() -> None:
     # library, but safefreeze.cka and its numpy reference must not.
     code = (
         "import sys, types; pkg = types.ModuleType('safefreeze'); "
-        f"pkg.__path__ = [{str(REPO / 'safefreeze')!r}]; sys.modules['safefreeze'] = pkg; "
+        f"pkg.__path__ = [{str(PACKAGE)!r}]; sys.modules['safefreeze'] = pkg; "
         "import safefreeze.cka._numpy, safefreeze.cka; "
         "from safefreeze.cka import linear_cka; import numpy as np; "
         "x = np.arange(12.0).reshape(6, 2) ** 2; "
         "assert abs(linear_cka(x, x, backend='numpy') - 1) < 1e-12; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from safefreeze.integrations.mlflow import log_plan
 
 from safefreeze import AdapterRecord, FreezeEvent, FreezePlan, SAFEConfig
 from safefreeze.cli import main
+from safefreeze.integrations.mlflow import log_plan
 
 
 def _plan() -> FreezePlan:

@@ -34,6 +34,7 @@ def test_from_epochs_converts_to_optimizer_steps() -> None:
         ({"max_tokens": 3}, "max_tokens >= 4"),
         ({"group_by": "(["}, "not a valid regex"),
         ({"group_by": r"layer\.\d+"}, "at least one capture group"),
+        ({"order": "random"}, "order must be one of ('score', 'depth'), got order='random'"),
     ],
 )
 def test_invalid_configs_name_the_bad_value(kwargs: dict[str, object], words: str) -> None:

@@ -208,3 +208,28 @@ def test_a_plan_whose_units_differ_is_refused_up_front() -> None:
     fresh = HandLoRANet()
     with pytest.raises(PlanMismatchError, match=r"units do not match.*\['renamed'\].*\['layers\.0'\]"):
         SAFEOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, plan=plan, pattern=HAND_LORA)
+
+
+def test_depth_order_freezes_as_many_units_lowest_first() -> None:
+    def run(order: str) -> SAFEOptimizer:
+        model = peft_bert(("query", "value"), layers=3, seed=0)
+        model.train()
+        config = SAFEConfig(warmup_steps=2, freeze_end_step=5, tau_target=0.8, order=order)
+        opt = SAFEOptimizer(
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config
+        )
+        for step in range(7):
+            model(**_bert_batch(step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return opt
+
+    by_score, by_depth = run("score"), run("depth")
+    assert by_score.plan.normalized_scores == by_depth.plan.normalized_scores
+    counts = [(e.step, len(e.units)) for e in by_score.plan.events]
+    assert counts == [(e.step, len(e.units)) for e in by_depth.plan.events]
+    assert sum(n for _, n in counts) >= 2
+    units = list(by_depth.controller.units)
+    frozen = [u for e in by_depth.plan.events for u in e.units]
+    assert frozen == units[: len(frozen)]  # always a lower prefix
+    assert [u for e in by_score.plan.events for u in e.units] != frozen

@@ -23,6 +23,9 @@ import mlflow
 import pytest
 import torch
 from models import HandLoRANet, peft_bert
+from torch import nn
+
+from safefreeze import AdapterPattern, FreezePlan, PlanError, SAFEConfig, SAFEOptimizer, cubic_threshold
 from safefreeze.integrations.mlflow import (
     METRIC_FROZEN,
     METRIC_RAW_SCORE,
@@ -41,9 +44,6 @@ from safefreeze.integrations.mlflow import (
     log_plan,
     tag_replay,
 )
-from torch import nn
-
-from safefreeze import AdapterPattern, FreezePlan, PlanError, SAFEConfig, SAFEOptimizer, cubic_threshold
 
 HAND_LORA = AdapterPattern(base="base", params=r"lora_(?:down|up)\..+")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

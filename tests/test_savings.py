@@ -9,7 +9,7 @@ from models import peft_bert
 from torch import nn
 
 from safefreeze import FreezeEvent, FreezePlan, SAFEConfig, SAFEOptimizer
-from safefreeze.measure import measure_step
+from safefreeze.measure import measure_step, optimizer_state_bytes
 
 LAYERS = 4
 
@@ -29,15 +29,6 @@ def _step_costs(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> tupl
     opt.step()
     opt.zero_grad()
     return costs.saved_bytes, costs.backward_flops
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size()
-        for s in opt.state.values()
-        for v in s.values()
-        if isinstance(v, torch.Tensor)
-    )
 
 
 def _plan_freezing(model: nn.Module, layers: range) -> FreezePlan:
@@ -67,12 +58,12 @@ def _costs_after_freezing(layers: range) -> tuple[tuple[int, int], tuple[int, in
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     opt = SAFEOptimizer(inner, model, plan=plan)
     before = _step_costs(model, opt, seed=0)
-    state_before = _state_bytes(inner)
+    state_before = optimizer_state_bytes(inner)
     _step_costs(model, opt, seed=1)  # ends with the freeze
     after = _step_costs(model, opt, seed=2)
     frozen = [p for n, p in model.named_parameters() if n.split(".lora_")[0] in set(opt.frozen)]
     frozen_state = sum(p.numel() * 4 * 2 + 4 for p in frozen)  # AdamW: exp_avg, exp_avg_sq, step
-    return before, after, state_before, _state_bytes(inner), frozen_state
+    return before, after, state_before, optimizer_state_bytes(inner), frozen_state
 
 
 def test_freezing_the_lower_layers_cuts_activations_backward_flops_and_state() -> None:

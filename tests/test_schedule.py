@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from safefreeze import cubic_threshold, normalize_scores, select_to_freeze
+from safefreeze import cubic_threshold, lowest_first, normalize_scores, select_to_freeze
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,12 @@ def test_selection_only_grows_and_nan_never_freezes() -> None:
         frozen += select_to_freeze(scores, threshold, frozen)
     assert frozen == ["a", "b", "d"]
     assert select_to_freeze(scores, 0.05) == []  # strictly below the threshold
+
+
+def test_lowest_first_takes_the_lowest_unfrozen_units_with_a_score() -> None:
+    order = ["l0", "l1", "l2", "l3", "l4"]
+    scores = {"l0": 1.0, "l1": math.nan, "l2": 0.3, "l3": 0.0, "l4": 0.1}
+    assert lowest_first(order, scores, 2) == ["l0", "l2"]  # l1 has no score: never frozen
+    assert lowest_first(order, scores, 2, frozen=["l0"]) == ["l2", "l3"]
+    assert lowest_first(order, scores, 9, frozen=["l0"]) == ["l2", "l3", "l4"]
+    assert lowest_first(order, scores, 0) == []

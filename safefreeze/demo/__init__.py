@@ -23,13 +23,17 @@ from safefreeze.optimizer import SAFEOptimizer
 
 __all__ = ["DEMO_TASK", "demo_config", "lora_step_costs", "run_demo"]
 
-# The demo's task: small enough to finish in minutes on two CPU cores.
-DEMO_TASK = TaskConfig()
+# The demo's task: positive versus negative reviews, small enough for minutes on two CPU cores.
+DEMO_TASK = TaskConfig(labels=("negative", "positive"))
 
 
-def demo_config(steps_per_epoch: int) -> SAFEConfig:
-    """SAFE settings of the demo and the benchmark: a quarter-epoch warm-up, one-epoch ramp."""
-    return SAFEConfig.from_epochs(steps_per_epoch, warmup_epochs=0.25, freeze_end_epoch=1.0)
+def demo_config(steps_per_epoch: int, order: str = "score") -> SAFEConfig:
+    """SAFE settings of the demo and the benchmark: a quarter-epoch warm-up, one-epoch ramp.
+
+    Every other field keeps its :class:`SAFEConfig` default, except ``order`` if given.
+    """
+    warmup = max(1, round(0.25 * steps_per_epoch))
+    return SAFEConfig(warmup_steps=warmup, freeze_end_step=max(warmup, steps_per_epoch), order=order)
 
 
 def lora_step_costs(task: TaskConfig, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -41,24 +45,31 @@ def lora_step_costs(task: TaskConfig, batch: dict[str, torch.Tensor]) -> tuple[i
 
 
 def run_demo(
-    task: TaskConfig = DEMO_TASK, *, seed: int = 0, mlflow: bool | None = None, out: TextIO = sys.stdout
+    task: TaskConfig = DEMO_TASK,
+    *,
+    seed: int = 0,
+    order: str = "score",
+    mlflow: bool | None = None,
+    out: TextIO | None = None,
 ) -> RunResult:
     """Fine-tune with SAFE, print a progress bar and a summary table, and return the run.
 
     Args:
         task: Fine-tuning settings.
         seed: Seed of the model's fresh weights, dropout and data order.
+        order: Which adapters freeze (:attr:`SAFEConfig.order`): ``"score"`` or ``"depth"``.
         mlflow: Log to MLflow (None: when it is installed; the default store is the
             ``mlflow.db`` sqlite file in the working directory).
-        out: Where the summary goes.
+        out: Where the summary goes (default: standard output).
 
     Returns:
         The SAFE run's result.
     """
+    out = sys.stdout if out is None else out
     train_split, test_split = load_drug_reviews()
     train_data, test_data = encode(train_split, task), encode(test_split, task)
     steps_per_epoch = train_data["labels"].shape[0] // task.batch_size
-    config = demo_config(steps_per_epoch)
+    config = demo_config(steps_per_epoch, order)
     total = task.steps(train_data["labels"].shape[0])
     reviews = train_data["labels"].shape[0]
     print(

@@ -18,7 +18,7 @@ from torch import nn
 
 from safefreeze.config import SAFEConfig
 from safefreeze.demo.data import LABELS, Split
-from safefreeze.measure import StepCosts, measure_step
+from safefreeze.measure import StepCosts, measure_step, optimizer_state_bytes
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import FreezePlan
 
@@ -199,15 +199,6 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, fl
     return accuracy, sum(f1s) / len(f1s)
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
-    )
-
-
 def train(
     variant: str,
     task: TaskConfig,
@@ -274,7 +265,7 @@ def train(
         optimizer.zero_grad()
         flops.append(costs.flops)
         saved.append(costs.saved_bytes)
-        state.append(_state_bytes(inner))
+        state.append(optimizer_state_bytes(inner))
         if progress is not None:
             progress(step + 1, total, float(loss.detach()))
     wall = time.perf_counter() - start
