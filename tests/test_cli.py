@@ -54,8 +54,8 @@ def _plan() -> FreezePlan:
 def _expected(plan: FreezePlan, source: str) -> str:
     return f"""\
 plan: {source} (schema version 1, fingerprint {plan.fingerprint[:12]})
-config: warmup_steps=2 freeze_end_step=4 tau_target=0.5 normalization=max score_every=1 max_tokens=256 \
-group_by=None seed=0
+config: warmup_steps=2 freeze_end_step=4 tau_target=0.5 normalization=max score_every=1 max_tokens=64 \
+group_by=None seed=0 order=score
 adapters: 4 in 4 freeze units; 3 frozen in 2 events
 scores: final at step 2 (normalization 'max')
 

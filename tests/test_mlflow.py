@@ -241,6 +241,7 @@ def test_logger_logs_exact_metrics_params_tags_and_artifacts(
         "safefreeze.max_tokens": "16",
         "safefreeze.group_by": "None",
         "safefreeze.seed": "0",
+        "safefreeze.order": "score",
         "safefreeze.adapters": "8",
     }
     safe_tags = {k: v for k, v in run.data.tags.items() if k.startswith("safefreeze.")}
