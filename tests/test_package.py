@@ -71,7 +71,9 @@ def test_distribution_files_have_no_top_level_integrations(tmp_path: Path) -> No
 
 @pytest.mark.skipif(os.environ.get("SAFEFREEZE_TEST_INSTALLED") != "1", reason="set by `nox -s tests`")
 def test_suite_runs_against_the_installed_package() -> None:
-    assert REPO not in Path(safefreeze.__file__).resolve().parents
+    installed = Path(safefreeze.__file__).resolve().parent
+    assert installed != REPO / "safefreeze"
+    assert "site-packages" in installed.parts
 
 
 def test_public_api_is_a_string_all() -> None:
