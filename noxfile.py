@@ -42,7 +42,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy (strict)."""
-    _install(session, "typecheck")
+    _install(session, "typecheck", extras="[hf,mlflow]")  # check against the real integrations
     config = f"{session.invoked_from}/pyproject.toml"
     # From outside the checkout, mypy reads the installed package, integrations included.
     session.chdir(session.create_tmp())
