@@ -127,7 +127,8 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             config=config,
             progress=lambda *a: report(*a, name="safe"),
         )
-        assert safe.plan is not None
+        if safe.plan is None:
+            raise RuntimeError("the SAFE run recorded no plan")
         oracle = train(
             "oracle",
             task,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safefreeze.cka._torch import CKAAccumulator
+from safefreeze.cka._torch import STAT_KK, STAT_KL, STAT_LL, CKAAccumulator
 from safefreeze.config import SAFEConfig
 from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
 from safefreeze.hooks import ScoreRecorder
@@ -311,8 +311,6 @@ class FreezeController:
 
 
 def _safe_values(acc: CKAAccumulator) -> torch.Tensor:
-    from safefreeze.cka._torch import STAT_KK, STAT_KL, STAT_LL
-
     kl, kk, ll = acc.stats[:, STAT_KL], acc.stats[:, STAT_KK], acc.stats[:, STAT_LL]
     return kl / (kk.clamp_min(1e-300).sqrt() * ll.clamp_min(1e-300).sqrt())
 

@@ -96,8 +96,9 @@ def run_demo(
 
 def summary(result: RunResult, steps: int, lora_step_flops: int, lora_step_saved: int) -> str:
     """The closing table: accuracy, what froze when, and costs against a LoRA run's counts."""
-    assert result.plan is not None
     plan = result.plan
+    if plan is None:
+        raise ValueError(f"summary needs a SAFE run with a plan, got the {result.variant!r} run without one")
     lora_flops = lora_step_flops * steps
     rows = [
         ("test accuracy", f"{result.accuracy:.3f}"),

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,7 +142,11 @@ def build_model(task: TaskConfig, seed: int) -> SentenceClassifier:
     lora = LoraConfig(
         r=task.rank, lora_alpha=task.alpha, lora_dropout=task.lora_dropout, target_modules=["query", "value"]
     )
-    return SentenceClassifier(get_peft_model(encoder, lora), encoder.config.hidden_size, len(task.labels))
+    with warnings.catch_warnings():
+        # PEFT asks transformers about gradient checkpointing through a deprecated name.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        adapted = get_peft_model(encoder, lora)
+    return SentenceClassifier(adapted, encoder.config.hidden_size, len(task.labels))
 
 
 def encode(split: Split, task: TaskConfig) -> dict[str, torch.Tensor]:
