@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safefreeze.cka._torch import STAT_KK, STAT_KL, STAT_LL, CKAAccumulator
+from safefreeze.cka._torch import CKAAccumulator
 from safefreeze.config import SAFEConfig
 from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
 from safefreeze.hooks import ScoreRecorder
@@ -181,14 +181,14 @@ class FreezeController:
         acc = self._accumulator
         if acc is None:
             return dict(self.plan.raw_scores)
-        defined = acc.defined().tolist()
-        cka = torch.where(acc.defined(), _safe_values(acc), torch.nan).tolist()
+        cka = acc.values(strict=False).tolist()
+        # 1 - CKA, with CKA clipped to [0, 1]; NaN (no usable score) stays NaN.
         per_adapter = {
-            pair.name: (1.0 - min(max(c, 0.0), 1.0)) if ok else math.nan
-            for pair, c, ok in zip(self.pairs, cka, defined, strict=True)
+            pair.name: math.nan if math.isnan(c) else 1.0 - min(max(c, 0.0), 1.0)
+            for pair, c in zip(self.pairs, cka, strict=True)
         }
-        if warn and not all(defined):
-            bad = [p.name for p, ok in zip(self.pairs, defined, strict=True) if not ok]
+        if warn and any(math.isnan(c) for c in cka):
+            bad = [p.name for p, c in zip(self.pairs, cka, strict=True) if math.isnan(c)]
             warnings.warn(
                 f"{len(bad)} adapter(s) got no usable score during the warm-up (all rows NaN/Inf, "
                 f"constant outputs or no training forward); they will never be frozen: {bad[:5]}",
@@ -308,11 +308,6 @@ class FreezeController:
                 self._recorder = None
         if self.frozen:
             self._watch_prefix()
-
-
-def _safe_values(acc: CKAAccumulator) -> torch.Tensor:
-    kl, kk, ll = acc.stats[:, STAT_KL], acc.stats[:, STAT_KK], acc.stats[:, STAT_LL]
-    return kl / (kk.clamp_min(1e-300).sqrt() * ll.clamp_min(1e-300).sqrt())
 
 
 def _detach_only(params: list[nn.Parameter]) -> int:

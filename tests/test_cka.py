@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -372,6 +373,9 @@ def test_accumulator_undefined_adapter_is_named() -> None:
     with pytest.raises(CKAUndefinedError, match=r"undefined for 2 of 3 adapters \[0, 2\]; first: adapter 0"):
         acc.values()
     assert 0 < acc.value(1) < 1
+    lenient = acc.values(strict=False).tolist()
+    assert math.isnan(lenient[0]) and math.isnan(lenient[2])
+    assert lenient[1] == acc.value(1)
 
 
 def test_shape_mismatch_names_both_shapes() -> None:

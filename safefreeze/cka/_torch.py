@@ -381,21 +381,29 @@ class CKAAccumulator:
         kl, kk, ll = self.stats[index, STAT_KL : STAT_LL + 1].tolist()
         return float(kl) / (math.sqrt(kk) * math.sqrt(ll))
 
-    def values(self) -> torch.Tensor:
+    def values(self, *, strict: bool = True) -> torch.Tensor:
         """(num_adapters,) float64 CKA of every adapter, on ``stats``' device.
 
+        Args:
+            strict: Raise if any adapter is undefined; with False, undefined adapters
+                (see ``defined()``) get NaN instead.
+
         Raises:
-            CKAUndefinedError: If any adapter is undefined; names them and the first
-                one's reason. Use ``defined()`` to score a subset.
+            CKAUndefinedError: With ``strict``, if any adapter is undefined; names them and
+                the first one's reason.
         """
-        bad = (~self.defined()).nonzero().flatten().tolist()
-        if bad:
+        defined = self.defined()
+        bad = (~defined).nonzero().flatten().tolist()
+        if bad and strict:
             first = self._undefined_reason(bad[0])
             raise CKAUndefinedError(
                 f"CKA is undefined for {len(bad)} of {self.num_adapters} adapters {bad[:10]}; first: {first}"
             )
         kl, kk, ll = self.stats[:, STAT_KL], self.stats[:, STAT_KK], self.stats[:, STAT_LL]
-        return kl / (kk.sqrt() * ll.sqrt())
+        # Undefined rows may hold a zero or negative self-HSIC: never take their root.
+        one = torch.ones_like(kk)
+        norm = torch.where(defined, kk, one).sqrt() * torch.where(defined, ll, one).sqrt()
+        return torch.where(defined, kl / norm, torch.nan)
 
     def merge_(self, other: CKAAccumulator) -> CKAAccumulator:
         """Add ``other``'s statistics into this one (same adapters); returns self.
