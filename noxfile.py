@@ -1,4 +1,8 @@
-"""Development sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``."""
+"""Development sessions: ``tests``, ``lint``, ``typecheck``, ``docs`` (the default), ``demo``, ``bench``.
+
+Each session installs into its own environment under ``.nox/<session>/``; ``nox -R -s <session>``
+reuses one already built instead of reinstalling it.
+"""
 
 from __future__ import annotations
 

