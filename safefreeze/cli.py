@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (CommandError, PlanError, OSError) as err:
-        print(f"safefreeze: error: {' '.join(str(err).split())}", file=sys.stderr)
+        # One line, whatever the message holds: a hostile file name must not forge lines either.
+        print(f"safefreeze: error: {_escape(' '.join(str(err).split()))}", file=sys.stderr)
         return 2
 
 
@@ -92,7 +93,10 @@ def _add_plan(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _plan_show(args: argparse.Namespace) -> int:
-    plan = _load(args.plan, args.tracking_uri)
+    try:
+        plan = _load(args.plan, args.tracking_uri)
+    except RecursionError:  # FreezePlan refuses deep nesting itself; this only backs it up
+        raise CommandError(f"{args.plan!r} is nested too deeply to be a plan") from None
     print(format_plan(plan, source=args.plan))
     return 0
 
@@ -138,7 +142,9 @@ def format_plan(plan: FreezePlan, *, source: str = "plan") -> str:
     """The plan as text: a header (config, adapters, scores), then one row per frozen unit.
 
     Rows are in freeze order; ``frozen`` is the cumulative count of frozen adapters. Units
-    never frozen follow with their scores.
+    never frozen follow with their scores. Every string that comes from the plan or the
+    user (names, config values, ``source``) is printed with control characters escaped, so
+    a name can neither drive the terminal nor forge a row.
 
     Args:
         plan: The plan to show.
@@ -147,15 +153,18 @@ def format_plan(plan: FreezePlan, *, source: str = "plan") -> str:
     Returns:
         The text, without a trailing newline.
     """
-    config = " ".join(f"{key}={value}" for key, value in plan.config.to_dict().items())
+    config = " ".join(f"{key}={_escape(str(value))}" for key, value in plan.config.to_dict().items())
     units = len(plan.units) or len(plan.adapters)
-    frozen = plan.frozen
+    frozen = plan.adapter_freeze_steps
+    version = f"schema version {SCHEMA_VERSION}"
+    if plan.migrated_from is not None:
+        version += f", migrated from version {plan.migrated_from}"
     if plan.scored_at is None:
         scores = "not final yet (the warm-up has not ended)"
     else:
         scores = f"final at step {plan.scored_at} (normalization {plan.config.normalization!r})"
     lines = [
-        f"plan: {source} (schema version {SCHEMA_VERSION}, fingerprint {plan.fingerprint[:12]})",
+        f"plan: {_escape(source)} ({version}, fingerprint {plan.fingerprint[:12]})",
         f"config: {config}",
         f"adapters: {len(plan.adapters)} in {_count(units, 'freeze unit')}; "
         f"{len(frozen)} frozen in {_count(len(plan.events), 'event')}",
@@ -199,12 +208,38 @@ def _count(n: int, noun: str) -> str:
 
 def _unit(plan: FreezePlan, unit: str) -> str:
     members = plan.units.get(unit, [unit])
-    return unit if members == [unit] else f"{unit} ({len(members)} adapters)"
+    return _escape(unit) if members == [unit] else f"{_escape(unit)} ({len(members)} adapters)"
 
 
 def _all_frozen(plan: FreezePlan, unit: str) -> bool:
-    frozen = plan.frozen
+    frozen = plan.adapter_freeze_steps
     return all(a in frozen for a in plan.units.get(unit, [unit]))
+
+
+# Escapes for the control characters a name is most likely to hold by accident.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(text: str) -> str:
+    r"""``text`` with every non-printable character escaped, so printing it is inert.
+
+    Newlines, escape sequences, bidirectional overrides and lone surrogates (which
+    would not even encode) become ``\n``, ``\x1b``, ``\u202e`` and so on.
+
+    Example:
+        >>> print(_escape("layer.0\x1b[2J\nforged row"))
+        layer.0\x1b[2J\nforged row
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _code(ch) for ch in text)
+
+
+def _code(ch: str) -> str:
+    point = ord(ch)
+    if point < 0x100:
+        return f"\\x{point:02x}"
+    return f"\\u{point:04x}" if point < 0x10000 else f"\\U{point:08x}"
 
 
 # ---- safefreeze demo ----------------------------------------------------------------------

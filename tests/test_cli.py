@@ -7,13 +7,15 @@ import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
 
 from safefreeze import AdapterRecord, FreezeEvent, FreezePlan, SAFEConfig
-from safefreeze.cli import main
+from safefreeze.cli import _escape, main
 from safefreeze.integrations.mlflow import log_plan
 
 
@@ -53,7 +55,7 @@ def _plan() -> FreezePlan:
 
 def _expected(plan: FreezePlan, source: str) -> str:
     return f"""\
-plan: {source} (schema version 1, fingerprint {plan.fingerprint[:12]})
+plan: {source} (schema version 2, fingerprint {plan.fingerprint[:12]})
 config: warmup_steps=2 freeze_end_step=4 tau_target=0.5 normalization=max score_every=1 max_tokens=64 \
 group_by=None seed=0 order=score
 adapters: 4 in 4 freeze units; 3 frozen in 2 events
@@ -142,10 +144,132 @@ def test_plan_show_errors_are_one_line_and_exit_2(
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_plan_show_on_a_directory_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(capsys, "plan", "show", str(tmp_path))
-    assert code == 2 and err.startswith("safefreeze: error: [Errno 21] Is a directory")
-    assert err.count("\n") == 1
+def _doc() -> dict[str, Any]:
+    return _plan().to_dict()
+
+
+def _text(damage: Callable[[dict[str, Any]], object], *, marker: str | None = None) -> str:
+    """``_plan()``'s JSON after ``damage``; a ``"@"`` value is then spelled ``marker``."""
+    doc = _doc()
+    damage(doc)
+    text = json.dumps(doc)
+    return text if marker is None else text.replace('"@"', marker)
+
+
+def _event(i: int, **fields: object) -> Callable[[dict[str, Any]], object]:
+    return lambda d: d["events"][i].update(fields)
+
+
+# Plans that must each give exit code 2 and one line on stderr: nothing may crash or hang.
+HOSTILE: dict[str, str | bytes] = {
+    "empty": "",
+    "nan": _text(_event(0, threshold="@"), marker="NaN"),
+    "infinity": _text(lambda d: d["scores"]["raw"].update({"layers.0": "@"}), marker="Infinity"),
+    "minus-infinity": _text(_event(1, params_freed="@"), marker="-Infinity"),
+    "float-overflow": _text(_event(1, threshold="@"), marker="1e999"),
+    "int-5000-digits": _text(_event(0, step="@"), marker="9" * 5000),
+    "int-above-int64": _text(_event(0, step=2**63)),
+    "deep-list": "[" * 100_000 + "]" * 100_000,
+    "deep-in-config": _text(lambda d: d.update(config="@"), marker="[" * 100_000 + "]" * 100_000),
+    "duplicate-key": '{"schema": "safefreeze.plan", "schema": "safefreeze.plan"}',
+    "step-fraction": _text(_event(0, step=1.5)),
+    "step-bool": _text(_event(0, step=True)),
+    "step-string": _text(_event(0, step="3")),
+    "step-zero": _text(_event(0, step=0)),
+    "two-events-one-step": _text(_event(1, step=3)),
+    "out-of-order": _text(lambda d: d["events"].reverse()),
+    "frozen-twice": _text(
+        _event(1, units=["layers.1"], adapters=["layers.1"], raw_scores={}, normalized_scores={})
+    ),
+    "no-units": _text(_event(0, units=[], adapters=[], raw_scores={}, normalized_scores={})),
+    "negative-score": _text(lambda d: d["scores"]["normalized"].update({"layers.3": -1.0})),
+    "string-threshold": _text(_event(0, threshold="0.4")),
+    "score-of-unknown-unit": _text(lambda d: d["scores"]["raw"].update(ghost=0.5)),
+    "events-object": _text(lambda d: d.update(events={"0": 1})),
+    "units-string": _text(_event(0, units="layers.1")),
+    "unit-empty": _text(lambda d: d["units"].update({"layers.3": []})),
+    "adapter-in-no-unit": _text(lambda d: d["units"].pop("layers.3")),
+    "shape-negative": _text(lambda d: d["model"]["adapters"][0]["params"][0].__setitem__(1, [-2, 8])),
+    "name-int": _text(lambda d: d["model"]["adapters"][0].update(name=7)),
+    "config-string": _text(lambda d: d.update(config="tau=0.5")),
+    "config-value": _text(lambda d: d["config"].update(tau_target=2.0)),
+    "version-new": _text(lambda d: d.update(version=3)),
+    "version-bool": _text(lambda d: d.update(version=True)),
+    "not-utf8": b"\xff\xfe{}",
+    "surrogate-in-name": _text(lambda d: d["units"].update({"\ud800": ["ghost"]})),
+    "escape-in-name": _text(lambda d: d["units"].update({"\x1b[2J\nlayers.9": ["ghost"]})),
+}
+
+
+@pytest.mark.parametrize("content", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_plan_show_refuses_every_hostile_plan_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | bytes
+) -> None:
+    path = tmp_path / "plan.json"
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8", errors="surrogatepass")
+    else:
+        path.write_bytes(content)
+    code, out, err = _run(capsys, "plan", "show", str(path))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"safefreeze: error: plan file '{path}' ")
+    assert err.endswith("\n") and err.count("\n") == 1
+    assert err.isascii() and err[:-1].isprintable()  # no escape sequence, no forged line
+
+
+def test_plan_show_on_hostile_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "plan", "show", str(tmp_path))  # a directory
+    assert code == 2 and err == f"safefreeze: error: [Errno 21] Is a directory: '{tmp_path}'\n"
+    evil = tmp_path / "\x1b[2J\nplan.json"
+    evil.write_text("{", encoding="utf-8")
+    code, out, err = _run(capsys, "plan", "show", str(evil))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"safefreeze: error: plan file '{tmp_path}/\\x1b[2J\\nplan.json' is not valid JSON")
+    assert err.count("\n") == 1 and "\x1b" not in err
+
+
+def test_plan_show_escapes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = ["clear\x1b[2J", "row\n   9     0.9000   0.0100       1  forged", "bidi\u202eevil", "lone\ud800"]
+    adapters = [AdapterRecord(n, ((f"{n}.w", (2, 2)),)) for n in names]
+    event = FreezeEvent(3, (names[1],), (names[1],), 0.4375, {names[1]: 0.01}, {names[1]: 0.1}, 4, 0)
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5)
+    plan = FreezePlan(config, adapters, [event], scored_at=2, normalized_scores={n: 0.5 for n in names})
+    path = plan.save(tmp_path / "evil\tplan.json")
+    code, out, err = _run(capsys, "plan", "show", str(path))
+    assert (code, err) == (0, "")
+    assert out.isascii() and all(line.isprintable() for line in out.splitlines())
+    lines = out.splitlines()
+    assert lines[0].startswith(f"plan: {tmp_path}/evil\\tplan.json (schema version 2, fingerprint")
+    assert lines[6] == "   3     0.4375   0.1000       1  row\\n   9     0.9000   0.0100       1  forged"
+    assert lines[-3:] == [  # the file's units are in key order
+        "   -          -   0.5000       -  bidi\\u202eevil",
+        "   -          -   0.5000       -  clear\\x1b[2J",
+        "   -          -   0.5000       -  lone\\ud800",
+    ]
+    assert len(lines) == 12
+
+
+def test_plan_show_names_the_version_a_plan_was_migrated_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _doc()
+    doc["version"] = 1
+    del doc["config"]["order"]  # version 1 plans written before SAFEConfig.order
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    code, out, err = _run(capsys, "plan", "show", str(path))
+    assert (code, err) == (0, "")
+    first, *rest = _expected(_plan(), str(path)).splitlines()
+    assert out.splitlines() == [
+        first.replace("(schema version 2,", "(schema version 2, migrated from version 1,"),
+        *rest,
+    ]
+
+
+def test_escape() -> None:
+    assert _escape("layers.0") == "layers.0"
+    assert _escape("a\nb\rc\td\x00e\x7f\x1b[2J") == "a\\nb\\rc\\td\\x00e\\x7f\\x1b[2J"
+    assert _escape("\u202e\ud800\U000e0001é") == "\\u202e\\ud800\\U000e0001é"
 
 
 def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
