@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +57,12 @@ def test_the_model_is_pretrained_minilm_with_lora_on_query_and_value() -> None:
     assert torch.equal(encoder.embeddings.word_embeddings.weight, weights[key])
 
 
-def test_demo_trains_tracks_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_trains_tracks_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import mlflow
+
+    from safefreeze.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -79,9 +85,16 @@ def test_demo_trains_tracks_and_reports(tmp_path: Path, monkeypatch: pytest.Monk
     assert run.data.tags["safefreeze.plan"] == "true"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "safefreeze")}
     assert artifacts == {"safefreeze/plan.json", "safefreeze/freeze_timeline.png"}
-    # It says how to reach the run with the tools of the environment it runs in.
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
-    assert f"safefreeze plan show runs:/{run.info.run_id} --tracking-uri sqlite:///mlflow.db" in text
+    # It prints working commands for the run, with the tools of the environment it runs in.
+    ui = re.search(r"(\S*mlflow) ui --backend-store-uri sqlite:///(\S+)", text)
+    assert ui is not None and shutil.which(ui[1]) is not None
+    assert Path(ui[2]).samefile(tmp_path / "mlflow.db")
+    show = re.search(r"(\S*safefreeze) plan show (runs:/\S+ .*)", text)
+    assert show is not None and shutil.which(show[1]) is not None
+    assert show[2].startswith(f"runs:/{run.info.run_id} ")
+    capsys.readouterr()
+    assert main(["plan", "show", *show[2].split()]) == 0
+    assert run.info.run_id in capsys.readouterr().out
 
 
 def test_demo_command_without_mlflow(capsys: pytest.CaptureFixture[str]) -> None:
