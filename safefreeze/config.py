@@ -60,6 +60,15 @@ class SAFEConfig:
             )
         if self.score_every < 1:
             raise ValueError(f"SAFEConfig requires score_every >= 1, got score_every={self.score_every}")
+        if self.score_every > self.warmup_steps:
+            raise ValueError(
+                "SAFEConfig requires score_every <= warmup_steps, or no warm-up step is scored; got "
+                f"score_every={self.score_every}, warmup_steps={self.warmup_steps}"
+            )
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(
+                f"SAFEConfig requires 0 <= seed < 2**64 (a torch.Generator seed), got seed={self.seed}"
+            )
         if self.normalization not in _NORMALIZATIONS:
             raise ValueError(
                 f"SAFEConfig.normalization must be one of {_NORMALIZATIONS}, "
@@ -76,12 +85,19 @@ class SAFEConfig:
                 f"SAFEConfig requires 0 <= tau_target <= {upper} with normalization="
                 f"{self.normalization!r}, got tau_target={tau}"
             )
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 4):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 4
+        ):
             raise ValueError(
                 "SAFEConfig requires max_tokens >= 4 (the unbiased CKA estimate needs 4 rows) "
                 f"or None, got max_tokens={self.max_tokens!r}"
             )
         if self.group_by is not None:
+            if not isinstance(self.group_by, str):
+                raise TypeError(
+                    "SAFEConfig.group_by must be a regex string or None, got "
+                    f"{type(self.group_by).__name__} {self.group_by!r}"
+                )
             try:
                 pattern = re.compile(self.group_by)
             except re.error as err:
@@ -115,14 +131,18 @@ class SAFEConfig:
             A config with ``warmup_steps`` and ``freeze_end_step`` rounded to whole steps.
 
         Raises:
-            ValueError: If ``steps_per_epoch`` is not positive, or the result is invalid.
+            ValueError: If ``steps_per_epoch`` is not a positive integer, an epoch count is
+                not a finite number, or the result is invalid.
 
         Example:
             >>> SAFEConfig.from_epochs(50, warmup_epochs=1, freeze_end_epoch=2.5).freeze_end_step
             125
         """
-        if steps_per_epoch < 1:
-            raise ValueError(f"from_epochs requires steps_per_epoch >= 1, got {steps_per_epoch}")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"from_epochs requires an integer steps_per_epoch >= 1, got {steps_per_epoch!r}")
+        for name, value in (("warmup_epochs", warmup_epochs), ("freeze_end_epoch", freeze_end_epoch)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"from_epochs requires a finite number of epochs, got {name}={value!r}")
         return cls(
             warmup_steps=round(warmup_epochs * steps_per_epoch),
             freeze_end_step=round(freeze_end_epoch * steps_per_epoch),

@@ -8,6 +8,7 @@ with no hook at all.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from safefreeze.cka._torch import CKAAccumulator
+from safefreeze.cka._torch import CKAAccumulator, RowDraw
 from safefreeze.discovery import AdapterPair
 
 
@@ -24,6 +25,9 @@ class ScoreRecorder:
 
     A padding mask is taken from an ``attention_mask`` keyword of the model's own forward
     (the Hugging Face convention) and applied to outputs whose leading shape is ``(B, T)``.
+    The rows to score are drawn and copied as soon as the base representation exists (the
+    base layer's output, or the site's input before the site runs), so an adapter that
+    adds to it in place cannot change what is scored.
 
     Args:
         model: The model whose forwards are read.
@@ -35,19 +39,19 @@ class ScoreRecorder:
         self.accumulator = accumulator
         self.enabled = True
         self._mask: torch.Tensor | None = None
-        self._pending: dict[int, torch.Tensor] = {}  # pair index -> base output, this forward
+        # pair index -> (rows drawn, base rows (n, Dx)) of the forward in flight
+        self._pending: dict[int, tuple[RowDraw, torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._on_model, with_kwargs=True)
         ]
         for index, pair in enumerate(pairs):
             site = model.get_submodule(pair.site)
             if pair.base is None:
-                hook = functools.partial(self._on_site_input, index)
+                self._handles.append(site.register_forward_pre_hook(functools.partial(self._on_input, index)))
             else:
                 base = model.get_submodule(pair.base)
                 self._handles.append(base.register_forward_hook(functools.partial(self._on_base, index)))
-                hook = functools.partial(self._on_site, index)
-            self._handles.append(site.register_forward_hook(hook))
+            self._handles.append(site.register_forward_hook(functools.partial(self._on_site, index)))
 
     @property
     def attached(self) -> bool:
@@ -69,28 +73,31 @@ class ScoreRecorder:
         mask = kwargs.get("attention_mask")
         self._mask = mask.detach().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def _on_base(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._recording(module):
-            x = _first_tensor(output)
-            if x is not None:
-                self._pending[index] = x.detach()
-
-    def _on_site(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        x = self._pending.pop(index, None)
-        y = _first_tensor(output)
-        if x is not None and y is not None and self._recording(module):
-            self._update(index, x, y.detach())
-
-    def _on_site_input(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        x, y = _first_tensor(args), _first_tensor(output)
-        if x is not None and y is not None and self._recording(module):
-            self._update(index, x.detach(), y.detach())
-
-    def _update(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _capture(self, index: int, module: nn.Module, value: Any) -> None:
+        x = _first_tensor(value)
+        if x is None or x.dim() < 2 or not self._recording(module):
+            return
         mask = self._mask
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
             mask = None
-        self.accumulator.update(index, x, y, mask)
+        draw = self.accumulator.draw(tuple(x.shape), mask)
+        self._pending[index] = (draw, draw.take(x))
+
+    def _on_base(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._capture(index, module, output)
+
+    def _on_input(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._capture(index, module, args)
+
+    def _on_site(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        pending = self._pending.pop(index, None)
+        y = _first_tensor(output)
+        if pending is None or y is None or not self._recording(module):
+            return
+        draw, x = pending
+        if math.prod(y.shape[:-1]) != draw.total:  # not the same tokens: nothing to compare
+            return
+        self.accumulator.add(index, x, draw.take(y), padding=draw.padding)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:

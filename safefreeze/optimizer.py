@@ -35,9 +35,13 @@ class SAFEOptimizer(Optimizer):
         plan: A recorded :class:`FreezePlan` to replay without scoring and without hooks.
         pattern: Adapter layout (default: PEFT LoRA).
 
+    Use it as a context manager, or call :meth:`close`, to remove its hooks when training
+    ends; only one live SAFEOptimizer may drive a model's adapters at a time.
+
     Raises:
-        TypeError: If ``optimizer`` is not an optimizer instance.
+        TypeError: If ``optimizer`` is not an optimizer instance, or is a SAFEOptimizer.
         ValueError: If ``optimizer`` does not hold every trainable adapter parameter.
+        RuntimeError: If another live SAFEOptimizer already drives the model's adapters.
         AdapterDiscoveryError: If no adapter is found.
         PlanMismatchError: If ``plan`` does not fit ``model``.
 
@@ -59,10 +63,11 @@ class SAFEOptimizer(Optimizer):
         ...     model(torch.randn(16, 8)).square().mean().backward()
         ...     opt.step()
         ...     opt.zero_grad()
-        >>> len(opt.frozen)  # with tau_target=1.0 all but the top adapter freeze at step 2
+        >>> len(opt.frozen_adapters)  # with tau_target=1.0 all but the top adapter freeze at step 2
         1
         >>> opt.plan.events[0].step
         2
+        >>> opt.close()
     """
 
     def __init__(
@@ -77,6 +82,11 @@ class SAFEOptimizer(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"SAFEOptimizer wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, SAFEOptimizer):
+            raise TypeError(
+                "SAFEOptimizer got a SAFEOptimizer to wrap; wrap the inner optimizer once "
+                "(SAFEOptimizer(torch.optim.AdamW(...), model)), never a SAFEOptimizer again"
             )
         self.optimizer = optimizer
         # Optimizer attributes that torch's own helpers read on any Optimizer.
@@ -132,6 +142,8 @@ class SAFEOptimizer(Optimizer):
         Step hooks registered on this wrapper run around it; the wrapped optimizer runs
         its own and the global ones.
         """
+        if self.controller.closed:
+            raise RuntimeError("this SAFEOptimizer was closed; build a new one to go on training with SAFE")
         args: tuple[Any, ...] = () if closure is None else (closure,)
         for pre_hook in list(self._optimizer_step_pre_hooks.values()):
             pre_hook(self, args, {})
@@ -142,7 +154,18 @@ class SAFEOptimizer(Optimizer):
         return loss
 
     def __repr__(self) -> str:
-        return f"SAFEOptimizer({self.optimizer!r}, frozen={len(self.frozen)}/{len(self.controller.pairs)})"
+        frozen, total = len(self.frozen_adapters), len(self.controller.pairs)
+        return f"SAFEOptimizer({self.optimizer!r}, frozen_adapters={frozen}/{total})"
+
+    def close(self) -> None:
+        """Remove SAFE's hooks from the model and release it; the optimizer stops freezing."""
+        self.controller.close()
+
+    def __enter__(self) -> SAFEOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- SAFE -------------------------------------------------------------------------
 
@@ -157,13 +180,22 @@ class SAFEOptimizer(Optimizer):
         return self.controller.scores
 
     @property
-    def frozen(self) -> list[str]:
+    def frozen_adapters(self) -> list[str]:
         """Names of the frozen adapters, in model order."""
         return self.controller.frozen_adapters
 
+    @property
+    def frozen_units(self) -> list[str]:
+        """Names of the frozen units, in model order."""
+        return self.controller.frozen_units
+
     def add_freeze_callback(self, callback: FreezeCallback) -> None:
         """Call ``callback(event)`` after every freeze event."""
-        self.controller.callbacks.append(callback)
+        self.controller.add_callback(callback)
+
+    def remove_freeze_callback(self, callback: FreezeCallback) -> None:
+        """Stop calling ``callback``."""
+        self.controller.remove_callback(callback)
 
     def _check_named(self, params: list[torch.Tensor]) -> None:
         """Checkpoints key state by parameter name, so every held tensor needs one."""
@@ -212,20 +244,21 @@ class SAFEOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Re-apply SAFE's freezes, then load the inner optimizer's state.
 
-        Everything is checked before anything changes: a failed load leaves this optimizer,
-        its groups and the model's ``requires_grad`` flags as they were.
+        Everything is checked before anything changes, and a failure of the inner load is
+        rolled back: a failed load leaves this optimizer, its groups and state, and the
+        model's ``requires_grad`` flags and gradients as they were.
 
         Raises:
+            PlanError: If SAFE's state is malformed, of an unknown version or inconsistent.
             PlanMismatchError: If the checkpoint was saved on other adapters.
-            ValueError: If the parameter names in ``state_dict`` do not match this optimizer's.
+            ValueError: If ``state_dict`` is not a SAFEOptimizer checkpoint, its parameter
+                names do not match this optimizer's, or the wrapped optimizer refuses its state.
         """
         for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             state_dict = pre_hook(self, state_dict) or state_dict
-        safe, inner = state_dict["safe"], state_dict["inner"]
-        saved_plan = FreezePlan.from_dict(safe["plan"], source="optimizer checkpoint")
-        saved_plan.check_matches(self.controller.plan.adapters)
-        owned = {a.name: [n for n, _ in a.params] for a in saved_plan.adapters}
-        dropped = {n for event in saved_plan.events for a in event.adapters for n in owned[a]}
+        safe, inner = _split_checkpoint(state_dict)
+        pending = self.controller.prepare_load(safe, source="optimizer checkpoint")
+        dropped = {self._names[id(p)] for p in pending.params}
         # Per group, the names held here once the checkpoint's freezes are re-applied.
         here = [
             [self._names[id(p)] for p in g["params"] if self._names[id(p)] not in dropped]
@@ -245,18 +278,86 @@ class SAFEOptimizer(Optimizer):
                     f"checkpoint, {len(here)} here)"
                 )
             )
-        self.controller.load_state_dict(safe)
-        index = {
-            self._names[id(p)]: i
-            for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])
-        }
-        self.optimizer.load_state_dict(
-            {
-                "state": {index[n]: s for n, s in inner["state"].items()},
-                "param_groups": [
-                    {**g, "params": [index[n] for n in g["params"]]} for g in inner["param_groups"]
-                ],
-            }
-        )
+        index = {name: i for i, name in enumerate(n for g in here for n in g)}
+        unknown = sorted(n for n in inner["state"] if n not in index)
+        if unknown:
+            raise ValueError(
+                f"the optimizer checkpoint holds state for parameters it does not list: {unknown[:3]}"
+            )
+        undo = _Snapshot(self.optimizer, pending.params)
+        try:
+            self._drop(pending.params)
+            self.optimizer.load_state_dict(
+                {
+                    "state": {index[n]: s for n, s in inner["state"].items()},
+                    "param_groups": [
+                        {**g, "params": [index[n] for n in g["params"]]} for g in inner["param_groups"]
+                    ],
+                }
+            )
+        except Exception as err:
+            undo.restore()
+            kinds = sorted({k for s in inner["state"].values() if isinstance(s, dict) for k in s})
+            raise ValueError(
+                f"the wrapped {type(self.optimizer).__name__} refused the checkpoint's optimizer state "
+                f"({type(err).__name__}: {err}); its per-parameter state holds {kinds}: was it saved "
+                "from another optimizer class? Nothing was changed"
+            ) from err
+        pending.commit()
         for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             post_hook(self)
+
+
+class _Snapshot:
+    """What a load may change in the wrapped optimizer and the model, to put it back."""
+
+    def __init__(self, optimizer: Optimizer, params: list[nn.Parameter]) -> None:
+        self.optimizer = optimizer
+        self.groups = optimizer.param_groups
+        self.group_items = [dict(g) for g in self.groups]
+        self.state = optimizer.state
+        self.state_items = dict(optimizer.state)
+        self.params = [(p, p.requires_grad, p.grad) for p in params]
+
+    def restore(self) -> None:
+        for group, items in zip(self.groups, self.group_items, strict=True):
+            group.clear()
+            group.update(items)
+        self.state.clear()
+        self.state.update(self.state_items)
+        # Optimizer.load_state_dict rebinds both attributes before it can fail.
+        self.optimizer.__dict__["param_groups"] = self.groups
+        self.optimizer.__dict__["state"] = self.state
+        for p, requires_grad, grad in self.params:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+def _split_checkpoint(state_dict: Any) -> tuple[Any, dict[str, Any]]:
+    """``(safe, inner)`` of a SAFEOptimizer checkpoint, or a ValueError saying what it is."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"SAFEOptimizer.load_state_dict takes a dict, got {type(state_dict).__name__}")
+    keys = set(state_dict)
+    if keys >= {"state", "param_groups"} and "safe" not in keys:
+        raise ValueError(
+            "this is a plain torch optimizer state dict (keys 'state' and 'param_groups'), not a "
+            "SAFEOptimizer checkpoint (keys 'inner' and 'safe'): load it into the inner optimizer "
+            "before wrapping it, or save checkpoints with SAFEOptimizer.state_dict()"
+        )
+    if keys != {"inner", "safe"}:
+        raise ValueError(
+            f"a SAFEOptimizer checkpoint has exactly the keys ['inner', 'safe'], got {sorted(map(str, keys))}"
+        )
+    inner = state_dict["inner"]
+    if (
+        not isinstance(inner, dict)
+        or set(inner) != {"state", "param_groups"}
+        or not isinstance(inner["state"], dict)
+        or not isinstance(inner["param_groups"], list)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in inner["param_groups"])
+    ):
+        raise ValueError(
+            "the checkpoint's 'inner' entry is not an optimizer state keyed by parameter names "
+            "({'state': {name: ...}, 'param_groups': [{'params': [names], ...}]})"
+        )
+    return state_dict["safe"], inner

@@ -781,7 +781,8 @@ def _read_plan(doc: dict[str, Any]) -> FreezePlan:
         normalized_scores=_scores(
             _get(scores, "normalized", "scores"), "scores.normalized", units, "the plan"
         ),
-        scored_at=None if scored_at is None else _integer(scored_at, "scores.scored_at", minimum=1),
+        # finalize_scores() may run before the first step: scores can be final at step 0.
+        scored_at=None if scored_at is None else _integer(scored_at, "scores.scored_at", minimum=0),
     )
     for i, value in enumerate(_list(_get(doc, "events", ""), "events")):
         plan.events.append(_read_event(value, f"events[{i}]", units))

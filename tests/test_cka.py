@@ -24,7 +24,9 @@ from safefreeze.cka._torch import (
     STAT_BATCHES,
     STAT_KL,
     STAT_LL,
-    STAT_ROWS_SKIPPED,
+    STAT_ROWS_NONFINITE,
+    STAT_ROWS_PADDING,
+    STAT_ROWS_SHORT,
     STAT_ROWS_USED,
 )
 
@@ -238,7 +240,49 @@ def test_accumulator_matches_minibatch_definition() -> None:
     assert acc.stats[0, STAT_KL : STAT_LL + 1].numpy() == pytest.approx(sums, rel=1e-9)
     assert acc.stats[0, STAT_BATCHES].item() == 3
     assert acc.stats[0, STAT_ROWS_USED].item() == 10 + 24 + 8
-    assert acc.stats[0, STAT_ROWS_SKIPPED].item() == 3 + 1
+    assert acc.stats[0, STAT_ROWS_SHORT].item() == 3
+    assert acc.stats[0, STAT_ROWS_NONFINITE].item() == 1
+
+
+def test_accumulator_scale_of_a_minibatch_does_not_change_its_score() -> None:
+    x, y = _pair(5, 40, 6, 6)
+    small, huge = CKAAccumulator(1, max_rows=None), CKAAccumulator(1, max_rows=None)
+    small.update(0, torch.from_numpy(x), torch.from_numpy(y))
+    # float64 activations near 1e200 overflow a sum of fourth powers unless rescaled first.
+    huge.update(0, torch.from_numpy(x * 1e200), torch.from_numpy(y * 1e200))
+    expected = linear_cka_numpy(x, y, debiased=True)
+    assert huge.value(0) == pytest.approx(expected, abs=1e-12)
+    assert small.value(0) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize(("dtype", "scale"), [(np.float32, 1e30), (np.float64, 1e200), (np.float64, 1e-200)])
+def test_large_and_tiny_magnitudes_are_not_called_constant(backend: str, dtype: type, scale: float) -> None:
+    x, y = _pair(6, 50, 5, 5)
+    expected = linear_cka_numpy(x, y)
+    xs, ys = (x * scale).astype(dtype), (y * scale).astype(dtype)
+    if backend == "torch":
+        xs, ys = torch.from_numpy(xs), torch.from_numpy(ys)  # type: ignore[assignment]
+    assert linear_cka(xs, ys, backend=backend) == pytest.approx(expected, abs=1e-5)  # type: ignore[arg-type]
+
+
+def test_one_sampler_linear_cka_and_accumulator_read_the_same_rows() -> None:
+    x, y = _pair(11, 300, 6, 4)
+    x[7, 0] = np.nan  # drawn or not, a non-finite row is dropped after the draw
+    mask = np.ones(300, dtype=bool)
+    mask[::5] = False
+    xt, yt, mt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+    acc = CKAAccumulator(1, max_rows=64, generator=torch.Generator().manual_seed(4))
+    acc.update(0, xt, yt, mt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        direct = linear_cka(
+            xt, yt, mask=mt, max_rows=64, generator=torch.Generator().manual_seed(4), debiased=True
+        )
+    assert acc.value(0) == pytest.approx(direct, abs=1e-12)
+    assert acc.stats[0, STAT_ROWS_PADDING].item() == 60
+    used, nonfinite = acc.stats[0, STAT_ROWS_USED].item(), acc.stats[0, STAT_ROWS_NONFINITE].item()
+    assert used + nonfinite == 64
 
 
 def test_accumulator_with_large_batches_approaches_full_data_cka() -> None:
@@ -315,10 +359,33 @@ def test_accumulator_counts_non_finite_rows_and_skips_small_batches() -> None:
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     x[:3, 0] = torch.nan  # leaves 3 valid rows: too few, so the whole batch is skipped
     acc.update(2, x, x)
-    assert acc.stats[2, STAT_ROWS_SKIPPED].item() == 6
+    assert acc.stats[2, STAT_ROWS_NONFINITE].item() == 3
+    assert acc.stats[2, STAT_ROWS_SHORT].item() == 3
     assert acc.stats[2, STAT_BATCHES].item() == 0
-    with pytest.raises(CKAUndefinedError, match=r"adapter 2 has no usable minibatch \(6 rows"):
+    with pytest.raises(
+        CKAUndefinedError, match=r"adapter 2 has no usable minibatch: 3 of its drawn rows held NaN"
+    ):
         acc.value(2)
+
+
+def test_undefined_reasons_name_the_real_cause() -> None:
+    acc = CKAAccumulator(4)
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    acc.update(0, x, x, torch.zeros(2, 6, dtype=torch.bool))  # every token is padding
+    acc.update(1, x[:, :1], x[:, :1])  # 2 rows per minibatch: too few
+    acc.update(2, torch.full((12, 4), 0.1), x.reshape(12, 4))  # constant base output
+    reasons = [acc.undefined_reason(i) for i in range(4)]
+    assert reasons[0] == "adapter 0 has no usable minibatch: all 12 rows it saw were padding"
+    assert (
+        reasons[1]
+        == "adapter 1 has no usable minibatch: its minibatches had fewer than 4 usable rows (2 rows in all)"
+    )
+    assert (
+        reasons[2] is not None
+        and "x (base output) must be positive" in reasons[2]
+        and "constant" in reasons[2]
+    )
+    assert reasons[3] is not None and "no training forward reached it" in reasons[3]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -402,7 +469,7 @@ def test_argument_errors() -> None:
         CKAAccumulator(1, max_rows=2)
     with pytest.raises(IndexError, match=r"adapter index must be in \[0, 2\), got 2"):
         CKAAccumulator(2).update(2, torch.zeros(8, 2), torch.zeros(8, 2))
-    with pytest.raises(ValueError, match=r"stats of shape \(3, 6\), this accumulator \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"stats of shape \(3, 8\), this accumulator \(2, 8\)"):
         CKAAccumulator(2).load_state_dict(CKAAccumulator(3).state_dict())
 
 

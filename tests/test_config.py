@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -60,3 +61,31 @@ def test_config_is_frozen() -> None:
     config = SAFEConfig()
     with pytest.raises(AttributeError):
         config.tau_target = 0.1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"group_by": 3}, TypeError, r"group_by must be a regex string or None, got int 3"),
+        ({"group_by": [r"(\d)"]}, TypeError, r"group_by must be a regex string or None, got list"),
+        ({"seed": 2**64}, ValueError, r"0 <= seed < 2\*\*64.*got seed=18446744073709551616"),
+        ({"seed": -1}, ValueError, r"0 <= seed < 2\*\*64"),
+        (
+            {"warmup_steps": 4, "freeze_end_step": 8, "score_every": 5},
+            ValueError,
+            r"score_every <= warmup_steps.*score_every=5, warmup_steps=4",
+        ),
+        ({"max_tokens": True}, ValueError, r"max_tokens >= 4"),
+    ],
+)
+def test_bad_values_fail_in_the_config_with_a_clear_message(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        SAFEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("epochs", [math.nan, math.inf, -math.inf, "2", True])
+def test_from_epochs_refuses_non_finite_or_non_numeric_epochs(epochs: object) -> None:
+    with pytest.raises(ValueError, match=r"finite number of epochs, got warmup_epochs="):
+        SAFEConfig.from_epochs(10, warmup_epochs=epochs, freeze_end_epoch=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"integer steps_per_epoch >= 1, got 2.5"):
+        SAFEConfig.from_epochs(2.5, warmup_epochs=1, freeze_end_epoch=2)  # type: ignore[arg-type]

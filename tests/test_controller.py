@@ -11,7 +11,7 @@ from models import BottleneckNet, HandLoRANet, peft_bert
 from torch import nn
 
 from safefreeze import AdapterPattern, FreezeController, SAFEConfig, SAFEOptimizer
-from safefreeze.cka._torch import STAT_BATCHES, STAT_ROWS_SKIPPED, STAT_ROWS_USED
+from safefreeze.cka._torch import STAT_BATCHES, STAT_ROWS_NONFINITE, STAT_ROWS_USED
 
 HAND_LORA = AdapterPattern(base="base", params=r"lora_(?:down|up)\..+")
 BOTTLENECK = AdapterPattern(site=r".*\.adapter", base=None, params=r"(?:down|up)\..+")
@@ -50,7 +50,7 @@ def test_scores_padding_masked_tokens_subsampled_on_sampled_steps() -> None:
     # Steps 0, 2, 4 are scored; each sees 4 x 12 = 48 real tokens, subsampled to 32.
     assert stats[:, STAT_BATCHES].tolist() == [3.0] * 4
     assert stats[:, STAT_ROWS_USED].tolist() == [96.0] * 4
-    assert stats[:, STAT_ROWS_SKIPPED].tolist() == [0.0] * 4
+    assert stats[:, STAT_ROWS_NONFINITE].tolist() == [0.0] * 4
     assert opt.controller.scoring
     opt.step()  # step 6 = warmup_steps: scores are final, hooks gone
     assert not opt.controller.scoring
@@ -82,7 +82,7 @@ def test_bottleneck_adapters_are_scored_against_their_input() -> None:
     raw = opt.plan.raw_scores
     assert sorted(raw) == ["blocks.0.adapter", "blocks.1.adapter", "blocks.2.adapter"]
     assert all(0.0 < s < 1.0 for s in raw.values())
-    assert len(opt.frozen) == 2  # tau_target=1.0 freezes all but the most important
+    assert len(opt.frozen_adapters) == 2  # tau_target=1.0 freezes all but the most important
 
 
 def test_nan_activations_are_skipped_and_a_nan_score_never_freezes() -> None:
@@ -94,19 +94,21 @@ def test_nan_activations_are_skipped_and_a_nan_score_never_freezes() -> None:
     x = torch.randn(16, 8)
     x[:3] = math.nan  # 3 poisoned rows propagate through both layers
     model(x).sum()
-    assert stats[:, STAT_ROWS_SKIPPED].tolist() == [3.0, 3.0]
+    assert stats[:, STAT_ROWS_NONFINITE].tolist() == [3.0, 3.0]
     assert stats[:, STAT_ROWS_USED].tolist() == [13.0, 13.0]
 
     # Layer 1 sees only NaN during the whole warm-up: no score, a warning, never frozen.
     opt.controller._accumulator.reset()  # type: ignore[union-attr]
     poison = model.layers[0].register_forward_hook(lambda m, a, out: out * math.nan)
-    with pytest.warns(UserWarning, match=r"1 adapter\(s\) got no usable score.*'layers\.1'"):
+    with pytest.warns(
+        UserWarning, match=r"1 adapter\(s\) got no usable score.*'layers\.1': 32 of its drawn rows held NaN"
+    ):
         _train(model, opt, 2)
     poison.remove()
     assert math.isnan(opt.plan.raw_scores["layers.1"])
     assert not math.isnan(opt.plan.raw_scores["layers.0"])
     _train(model, opt, 3)
-    assert "layers.1" not in opt.frozen
+    assert "layers.1" not in opt.frozen_adapters
 
 
 def test_group_by_freezes_a_block_as_one_unit() -> None:
@@ -124,7 +126,7 @@ def test_group_by_freezes_a_block_as_one_unit() -> None:
     # Each frozen unit took both of its block's adapters with it.
     assert len(event.adapters) == 4
     assert all(any(f"layer.{u}." in a for a in event.adapters) for u in event.units)
-    assert len(opt.frozen) == 4
+    assert len(opt.frozen_adapters) == 4
 
 
 def test_frozen_prefix_with_grad_requiring_input_warns_once() -> None:
@@ -133,16 +135,13 @@ def test_frozen_prefix_with_grad_requiring_input_warns_once() -> None:
     model.train()
     config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
     opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
-    # Freeze the lowest adapter by hand through the engine's own path.
-    opt.controller.plan.normalized_scores = {
-        u: (0.0 if "layer.0.attention.self.query" in u else 1.0) for u in opt.controller.units
-    }
-    opt.controller.plan.scored_at = 0
-    opt.controller.close()
-    opt.controller._recorder = None
+    # Freeze the lowest adapter by setting the final scores through the engine's public step.
+    opt.controller.finalize_scores(
+        {u: (0.0 if "layer.0.attention.self.query" in u else 1.0) for u in opt.controller.units}
+    )
     model(**_bert_batch(0)).loss.backward()
     opt.step()
-    assert opt.frozen == ["base_model.model.bert.encoder.layer.0.attention.self.query"]
+    assert opt.frozen_adapters == ["base_model.model.bert.encoder.layer.0.attention.self.query"]
     with pytest.warns(UserWarning, match=r"enable_input_require_grads\(\)") as record:
         model(**_bert_batch(1)).loss.backward()
         model(**_bert_batch(2)).loss.backward()
@@ -156,7 +155,7 @@ def test_frozen_prefix_without_grad_input_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(model, opt, 4)
-    assert len(opt.frozen) == 2
+    assert len(opt.frozen_adapters) == 2
 
 
 def test_a_framework_can_drive_the_engine_directly() -> None:
@@ -165,7 +164,7 @@ def test_a_framework_can_drive_the_engine_directly() -> None:
     config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=1.0)
     engine = FreezeController(model, config, pattern=HAND_LORA)
     events = []
-    engine.callbacks.append(events.append)
+    engine.add_callback(events.append)
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(5):
         model(torch.randn(16, 8)).square().mean().backward()
@@ -187,27 +186,44 @@ def test_resuming_under_another_config_is_refused() -> None:
     opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=HAND_LORA)
     _train(model, opt, 1)
     state = opt.state_dict()
+    opt.close()
     other = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.9)
     opt2 = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, other, pattern=HAND_LORA)
     with pytest.raises(ValueError, match=r"another SAFEConfig.*'tau_target': \(0\.5, 0\.9\)"):
         opt2.load_state_dict(state)
 
 
-def test_a_plan_whose_units_differ_is_refused_up_front() -> None:
+def test_replay_uses_the_recorded_units_and_refuses_units_that_do_not_fit() -> None:
     from safefreeze import FreezePlan, PlanMismatchError
 
     model = HandLoRANet()
-    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0, group_by=r"layers\.(\d+)")
     opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=HAND_LORA)
     _train(model, opt, 2)
     data = opt.plan.to_dict()
-    data["units"] = {("renamed" if k == "layers.0" else k): v for k, v in data["units"].items()}
+    # A pattern that backtracks for minutes: replay must never evaluate it, only the units.
+    data["config"]["group_by"] = r"(.|.)*Q(\d)"
+    data["units"] = {f"unit {k}": v for k, v in data["units"].items()}
     for event in data["events"]:
-        event["units"] = ["renamed" if u == "layers.0" else u for u in event["units"]]
+        event["units"] = [f"unit {u}" for u in event["units"]]
+        for key in ("raw_scores", "normalized_scores"):
+            event[key] = {f"unit {k}": v for k, v in event[key].items()}
+    for key in ("raw", "normalized"):
+        data["scores"][key] = {f"unit {k}": v for k, v in data["scores"][key].items()}
     plan = FreezePlan.from_dict(data)
     fresh = HandLoRANet()
-    with pytest.raises(PlanMismatchError, match=r"units do not match.*\['renamed'\].*\['layers\.0'\]"):
-        SAFEOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, plan=plan, pattern=HAND_LORA)
+    replay = SAFEOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, plan=plan, pattern=HAND_LORA)
+    assert list(replay.controller.units) == ["unit 0", "unit 1", "unit 2"]
+    _train(fresh, replay, 2)
+    assert replay.frozen_adapters == opt.frozen_adapters
+    replay.close()
+    plan.units = {"unit 0": ["layers.0"], "unit 1": ["layers.1"]}  # layers.2 in no unit
+    plan.events.clear()
+    other = HandLoRANet()
+    with pytest.raises(
+        PlanMismatchError, match=r"do not cover this model's adapters.*\['layers\.2'\] are in no unit"
+    ):
+        SAFEOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), other, plan=plan, pattern=HAND_LORA)
 
 
 def test_depth_order_freezes_as_many_units_lowest_first() -> None:
@@ -221,9 +237,9 @@ def test_depth_order_freezes_as_many_units_lowest_first() -> None:
             model(**_bert_batch(step)).loss.backward()
             opt.step()
             opt.zero_grad()
-            if step == 1:  # scores just became final: make the lowest unit the most important
+            if step == 0:  # end scoring early with set scores: the lowest unit is the most important
                 units = list(opt.controller.units)
-                opt.plan.normalized_scores = dict(zip(units, [1.0, 0.1, 0.2, 0.3, 0.05, 0.9], strict=True))
+                opt.controller.finalize_scores(dict(zip(units, [1.0, 0.1, 0.2, 0.3, 0.05, 0.9], strict=True)))
         return opt
 
     by_score, by_depth = run("score"), run("depth")
@@ -233,3 +249,36 @@ def test_depth_order_freezes_as_many_units_lowest_first() -> None:
     assert sorted(u for e in by_score.plan.events for u in e.units) == sorted(units[1:5])
     frozen = [u for e in by_depth.plan.events for u in e.units]
     assert frozen == units[:4]  # as many units, always a lower prefix, the top scorer included
+
+
+class _InPlaceLoRA(nn.Module):
+    """LoRA that adds its delta into the base output in place."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.base, self.lora_down, self.lora_up = source.base, source.lora_down, source.lora_up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        out += self.lora_up(self.lora_down(x))
+        return out
+
+
+def test_adapters_that_add_in_place_are_scored_like_out_of_place_ones() -> None:
+    torch.manual_seed(0)
+    reference = HandLoRANet(depth=2)
+    for layer in reference.layers:
+        nn.init.normal_(layer.lora_up.weight, std=0.5)  # a nonzero delta from the first step
+    in_place = HandLoRANet(depth=2)
+    in_place.load_state_dict(reference.state_dict())
+    in_place.layers = nn.ModuleList(_InPlaceLoRA(layer) for layer in in_place.layers)
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.0)
+    raw = []
+    for model in (reference, in_place):
+        with SAFEOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0), model, config, pattern=HAND_LORA
+        ) as opt:
+            _train(model, opt, 2)
+            raw.append(opt.plan.raw_scores)
+    assert all(s > 1e-3 for s in raw[0].values())
+    assert raw[1] == pytest.approx(raw[0], rel=1e-6)

@@ -13,6 +13,7 @@ import io
 import json
 import re
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +27,13 @@ from safefreeze import (
     AdapterDiscoveryError,
     FreezeEvent,
     FreezePlan,
+    PlanError,
     PlanMismatchError,
     SAFEConfig,
     SAFEOptimizer,
 )
 from safefreeze.cka._torch import STAT_BATCHES
+from safefreeze.plan import SCHEMA_VERSION
 
 BATCH, SEQ, VOCAB, LABELS = 4, 8, 100, 3
 STEPS = 12
@@ -213,7 +216,7 @@ def test_never_freezing_is_bit_identical_to_the_bare_optimizer(kind: str) -> Non
     assert opt.controller.step == STEPS
     assert scored_at(opt) == NEVER.warmup_steps
     assert sorted(opt.scores) == ADAPTERS  # the hooks did score ...
-    assert opt.frozen == [] and opt.plan.events == []  # ... and nothing froze
+    assert opt.frozen_adapters == [] and opt.plan.events == []  # ... and nothing froze
     assert_bit_identical(bare_model, model)
     # Not vacuous: training moved the zero-initialised LoRA B matrices.
     b = model.get_parameter(f"{ADAPTERS[0]}.lora_B.default.weight")
@@ -244,10 +247,10 @@ def test_freezing_drops_params_grads_and_state_together(kind: str) -> None:
     assert [e.step for e in events] == sorted({e.step for e in events})
     assert all(FREEZE.warmup_steps < e.step <= FREEZE.freeze_end_step for e in events)
     # At freeze_end_step tau = 1.0: every adapter but the top-scoring one is frozen.
-    assert len(opt.frozen) == len(ADAPTERS) - 1
-    assert sorted(a for e in events for a in e.adapters) == sorted(opt.frozen)
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
+    assert sorted(a for e in events for a in e.adapters) == sorted(opt.frozen_adapters)
     owned = adapter_params(opt)
-    frozen_names = {n for a in opt.frozen for n in owned[a]}
+    frozen_names = {n for a in opt.frozen_adapters for n in owned[a]}
 
     for event in events:
         names_here = [n for a in event.adapters for n in owned[a]]
@@ -317,7 +320,7 @@ def test_lr_scheduler_drives_the_wrapper_like_the_bare_optimizer(sched: str) -> 
     assert_bit_identical(bare_model, model)
 
     _, frozen_opt, frozen_lrs = _run_with_scheduler(sched, FREEZE)
-    assert len(frozen_opt.frozen) == len(ADAPTERS) - 1
+    assert len(frozen_opt.frozen_adapters) == len(ADAPTERS) - 1
     assert frozen_lrs == bare_lrs  # groups intact: every group keeps its schedule
 
 
@@ -342,9 +345,9 @@ def test_grad_scaler_is_bit_identical_and_freezes(kind: str) -> None:
     model = make_model()
     opt = SAFEOptimizer(OPTIMIZERS[kind](make_groups(model)), model, FREEZE)
     train(model, opt, batches, scaler=torch.amp.GradScaler("cpu"))
-    assert len(opt.frozen) == len(ADAPTERS) - 1
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
     assert len(opt.param_groups) == 3
-    frozen = {n for a in opt.frozen for n in adapter_params(opt)[a]}
+    frozen = {n for a in opt.frozen_adapters for n in adapter_params(opt)[a]}
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
 
 
@@ -382,8 +385,8 @@ def test_zero_grad_keeps_frozen_grads_none(set_to_none: bool) -> None:
     model = make_model()
     opt = SAFEOptimizer(torch.optim.SGD(make_groups(model), lr=0.05, momentum=0.9), model, FREEZE)
     train(model, opt, make_batches(FREEZE.freeze_end_step))
-    assert len(opt.frozen) == len(ADAPTERS) - 1
-    frozen = {n for a in opt.frozen for n in adapter_params(opt)[a]}
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
+    frozen = {n for a in opt.frozen_adapters for n in adapter_params(opt)[a]}
     params = dict(model.named_parameters())
     for batch in make_batches(2, seed=7):
         model(**batch).loss.backward()
@@ -431,7 +434,7 @@ def test_equal_valued_params_are_told_apart_by_identity() -> None:
 
     train(model, opt, make_batches(1))
 
-    assert opt.frozen == [ADAPTERS[0]]
+    assert opt.frozen_adapters == [ADAPTERS[0]]
     assert all(torch.equal(b, bs[0]) and not b.any() for b in bs)  # still all equal
     gone = {f"{ADAPTERS[0]}.lora_{x}.default.weight" for x in "AB"}
     assert len(held(opt)) == held_before - 2
@@ -460,18 +463,20 @@ def test_state_dict_is_keyed_by_names_and_json_friendly() -> None:
     assert all_keys_are_str(sd)
     assert set(sd) == {"inner", "safe"}
     assert set(sd["inner"]) == {"state", "param_groups"}
-    assert set(sd["safe"]) == {"step", "frozen", "accumulator", "scoring", "plan"}
+    assert set(sd["safe"]) == {"version", "step", "accumulator", "plan"}
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
     assert [g["params"] for g in sd["inner"]["param_groups"]] == groups
     assert list(sd["inner"]["state"]) == [n for g in groups for n in g]
     assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in sd["inner"]["state"].values())
-    frozen = {n for a in opt.frozen for n in adapter_params(opt)[a]}
+    frozen = {n for a in opt.frozen_adapters for n in adapter_params(opt)[a]}
     assert len(frozen) == 2 * (len(ADAPTERS) - 1)
     assert not frozen & set(sd["inner"]["state"])
     assert sd["safe"]["step"] == FREEZE.freeze_end_step + 1
-    assert sd["safe"]["scoring"] is False
-    assert sorted(sd["safe"]["frozen"]) == sorted(opt.frozen)
+    assert sd["safe"]["accumulator"] is None  # the scores are final: the plan holds them
+    assert sorted(a for e in sd["safe"]["plan"]["events"] for a in e["adapters"]) == sorted(
+        opt.frozen_adapters
+    )
 
     text = json.dumps(sd, default=lambda t: t.tolist())
     assert json.loads(text)["safe"] == json.loads(json.dumps(sd["safe"]))
@@ -493,7 +498,7 @@ def test_resume_steps_in_lockstep_bit_for_bit(save_at: int) -> None:
     opt_b.load_state_dict(checkpoint["optim"])
 
     assert opt_b.controller.step == save_at
-    assert opt_b.frozen == opt_a.frozen
+    assert opt_b.frozen_adapters == opt_a.frozen_adapters
     assert scoring(opt_b) == scoring(opt_a)
     flags = {n: p.requires_grad for n, p in model_a.named_parameters()}
     assert {n: p.requires_grad for n, p in model_b.named_parameters()} == flags
@@ -505,13 +510,13 @@ def test_resume_steps_in_lockstep_bit_for_bit(save_at: int) -> None:
             opt.zero_grad()
         assert_bit_identical(model_a, model_b)
     assert opt_a.plan.to_dict() == opt_b.plan.to_dict()
-    assert len(opt_b.frozen) == len(ADAPTERS) - 1
+    assert len(opt_b.frozen_adapters) == len(ADAPTERS) - 1
     assert hook_counts(model_b) == hook_counts(model_a)
 
 
 def _assert_untouched(opt: SAFEOptimizer, model: nn.Module, groups: list[list[int]]) -> None:
     """A failed load changed nothing: step, freezes, groups, flags, hooks."""
-    assert opt.controller.step == 0 and opt.frozen == [] and opt.plan.events == []
+    assert opt.controller.step == 0 and opt.frozen_adapters == [] and opt.plan.events == []
     assert scoring(opt)
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == groups
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
@@ -521,7 +526,7 @@ def test_loading_a_checkpoint_of_other_params_is_a_clear_error() -> None:
     model = make_model()
     opt = SAFEOptimizer(_adamw(model), model, FREEZE)
     train(model, opt, make_batches(FREEZE.freeze_end_step + 1))
-    assert len(opt.frozen) == len(ADAPTERS) - 1
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
     checkpoint = opt.state_dict()
 
     # Other adapters: the SAFE part says which.
@@ -649,27 +654,27 @@ def test_plan_scores_and_frozen_are_readable_at_any_time() -> None:
     assert opt.plan.events == [] and scored_at(opt) is None
     assert [a.name for a in opt.plan.adapters] == ADAPTERS
     assert opt.scores == {}
-    assert opt.frozen == []
-    assert "frozen=0/4" in repr(opt)
+    assert opt.frozen_adapters == []
+    assert "frozen_adapters=0/4" in repr(opt)
 
     batches = make_batches(10)
     train(model, opt, batches[:1])
     running = opt.scores
     assert sorted(running) == ADAPTERS
     assert max(running.values()) == 1.0 and all(0.0 <= s <= 1.0 for s in running.values())
-    assert scored_at(opt) is None and opt.frozen == []
+    assert scored_at(opt) is None and opt.frozen_adapters == []
 
     train(model, opt, batches[1:])
     assert scored_at(opt) == FREEZE.warmup_steps
     assert opt.scores == opt.plan.normalized_scores
     assert sorted(opt.scores) == ADAPTERS
-    assert len(opt.frozen) == len(ADAPTERS) - 1
-    assert opt.frozen == [a for a in ADAPTERS if a in opt.frozen]  # model order
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
+    assert opt.frozen_adapters == [a for a in ADAPTERS if a in opt.frozen_adapters]  # model order
     assert events == opt.plan.events and all(isinstance(e, FreezeEvent) for e in events)
     assert [(e.step, e.adapters) for e in events] == [(e.step, e.adapters) for e in opt.plan.events]
     for event in events:
         assert all(opt.scores[a] < event.threshold for a in event.adapters)
-    assert "frozen=3/4" in repr(opt)
+    assert "frozen_adapters=3/4" in repr(opt)
 
 
 # ---- 9. gradient accumulation ------------------------------------------------------------
@@ -681,7 +686,11 @@ def test_gradient_accumulation_counts_optimizer_steps() -> None:
     opt = SAFEOptimizer(_adamw(model), model, config)
     frozen_per_step: list[int] = []
     train(
-        model, opt, make_batches(8), accumulate=2, on_step=lambda _: frozen_per_step.append(len(opt.frozen))
+        model,
+        opt,
+        make_batches(8),
+        accumulate=2,
+        on_step=lambda _: frozen_per_step.append(len(opt.frozen_adapters)),
     )
 
     assert opt.controller.step == 4
@@ -719,7 +728,7 @@ def test_hooks_are_gone_after_freezing_and_one_forward() -> None:
     model = make_model()
     opt = SAFEOptimizer(_adamw(model), model, FREEZE)
     train(model, opt, make_batches(FREEZE.freeze_end_step))
-    assert len(opt.frozen) == len(ADAPTERS) - 1
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
     # A frozen lowest adapter may leave its one-shot prefix check until the next forward.
     model(**make_batches(1, seed=9)[0])
     assert hook_counts(model) == clean
@@ -747,3 +756,262 @@ def test_eval_and_no_grad_forwards_are_not_scored() -> None:
     with torch.no_grad():
         model(**batch)
     assert torch.equal(stats, seen)
+
+
+# ---- 8. loads that change nothing on failure ---------------------------------------------
+
+
+def _frozen_checkpoint() -> dict[str, Any]:
+    """A checkpoint written after every adapter but the top one froze."""
+    model = make_model()
+    with SAFEOptimizer(_adamw(model), model, FREEZE) as opt:
+        train(model, opt, make_batches(FREEZE.freeze_end_step + 1))
+        assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
+        return checkpoint_round_trip(opt.state_dict())
+
+
+def _stepped_target() -> tuple[nn.Module, SAFEOptimizer, dict[str, Any]]:
+    """A fresh optimizer one step in (so its AdamW state exists), and a copy of that state."""
+    model = make_model()
+    opt = SAFEOptimizer(_adamw(model), model, FREEZE)
+    train(model, opt, make_batches(1, seed=5))
+    before = copy.deepcopy(
+        {
+            "state": {id(p): dict(s) for p, s in opt.state.items()},
+            "groups": [[id(p) for p in g["params"]] for g in opt.param_groups],
+            "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+            "grads": {n: p.grad for n, p in model.named_parameters()},
+            "plan": opt.plan.to_dict(),
+            "stats": accumulator_stats(opt).clone(),
+        }
+    )
+    return model, opt, before
+
+
+def _assert_unchanged(model: nn.Module, opt: SAFEOptimizer, before: dict[str, Any], plan: FreezePlan) -> None:
+    assert opt.plan is plan and opt.plan.to_dict() == before["plan"]
+    assert opt.controller.step == 1 and scoring(opt)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == before["groups"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before["flags"]
+    assert {n: p.grad for n, p in model.named_parameters()} == before["grads"]
+    assert set(before["state"]) == {id(p) for p in opt.state}
+    for p, s in opt.state.items():
+        assert all(torch.equal(v, before["state"][id(p)][k]) for k, v in s.items())
+    assert torch.equal(accumulator_stats(opt), before["stats"])
+
+
+def _sgd_state(checkpoint: dict[str, Any]) -> None:
+    checkpoint["inner"]["state"] = {
+        n: {"momentum_buffer": s["exp_avg"]} for n, s in checkpoint["inner"]["state"].items()
+    }
+
+
+def _v1_without_frozen(checkpoint: dict[str, Any]) -> None:
+    checkpoint["safe"].pop("version")
+    checkpoint["safe"]["scoring"] = False
+
+
+def _bad_accumulator(checkpoint: dict[str, Any]) -> None:
+    # A warm-up state whose statistics have the wrong shape.
+    checkpoint["safe"]["plan"]["events"] = []
+    checkpoint["safe"]["plan"]["scores"] = {"scored_at": None, "raw": {}, "normalized": {}}
+    checkpoint["safe"]["step"] = 1
+    checkpoint["safe"]["accumulator"] = {
+        "columns": [
+            "sum_kl",
+            "sum_kk",
+            "sum_ll",
+            "batches",
+            "rows_used",
+            "rows_padding",
+            "rows_nonfinite",
+            "rows_short",
+        ],
+        "stats": [[0.0] * 8] * 3,
+        "generator_device": "cpu",
+        "generator_state": torch.Generator().get_state().tolist(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (
+            _sgd_state,
+            ValueError,
+            r"refused the checkpoint's optimizer state \(KeyError: 'step'\).*"
+            r"\['momentum_buffer'\].*another optimizer class\? Nothing was changed",
+        ),
+        (_v1_without_frozen, PlanError, r"not a SAFE state of version 1: missing keys \['frozen'\]"),
+        (lambda c: c["safe"].update(extra=1), PlanError, r"unexpected keys \['extra'\]"),
+        (
+            lambda c: c.update(extra=1),
+            ValueError,
+            r"exactly the keys \['inner', 'safe'\], got \['extra', 'inner'",
+        ),
+        (
+            _bad_accumulator,
+            PlanError,
+            r"bad accumulator: state holds stats of shape \(3, 8\), this accumulator \(4, 8\)",
+        ),
+        (lambda c: c["safe"].update(step=-1), PlanError, r"step must be an integer >= 4 .*got -1"),
+        (lambda c: c["safe"].update(version=99), PlanError, r"SAFE state version 99.*upgrade safefreeze"),
+        (
+            lambda c: c["inner"]["state"].update(ghost={}),
+            ValueError,
+            r"state for parameters it does not list: \['ghost'\]",
+        ),
+    ],
+    ids=[
+        "sgd_into_adamw",
+        "v1_missing_frozen",
+        "stray_safe_key",
+        "stray_key",
+        "accumulator_shape",
+        "negative_step",
+        "newer_version",
+        "unknown_param",
+    ],
+)
+def test_a_failed_load_changes_nothing(
+    damage: Callable[[dict[str, Any]], None], error: type, match: str
+) -> None:
+    checkpoint = _frozen_checkpoint()
+    damage(checkpoint)
+    model, opt, before = _stepped_target()
+    plan = opt.plan
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(checkpoint)
+    _assert_unchanged(model, opt, before, plan)
+    train(model, opt, make_batches(1, seed=6))  # and it still trains
+    assert opt.controller.step == 2
+
+
+def test_a_plain_torch_state_dict_gets_an_error_saying_what_it_is() -> None:
+    model, opt, before = _stepped_target()
+    plain = torch.optim.AdamW(make_groups(make_model()), lr=1e-2).state_dict()
+    with pytest.raises(
+        ValueError, match=r"plain torch optimizer state dict .* load it into the inner optimizer"
+    ):
+        opt.load_state_dict(plain)
+    _assert_unchanged(model, opt, before, opt.plan)
+
+
+def test_a_generator_state_from_another_device_reseeds_with_a_warning() -> None:
+    model = make_model()
+    opt = SAFEOptimizer(_adamw(model), model, FREEZE)
+    train(model, opt, make_batches(1))
+    checkpoint = checkpoint_round_trip(opt.state_dict())
+    opt.close()
+    # What a CUDA generator's state looks like: 16 bytes (seed and offset), not mt19937's 5056.
+    checkpoint["safe"]["accumulator"]["generator_device"] = "cuda"
+    checkpoint["safe"]["accumulator"]["generator_state"] = [7] * 16
+    target = make_model()
+    resumed = SAFEOptimizer(_adamw(target), target, FREEZE)
+    with pytest.warns(
+        RuntimeWarning, match=r"state is for a cuda generator and cannot be restored on cpu.*reseeded"
+    ):
+        resumed.load_state_dict(checkpoint)
+    assert resumed.controller.step == 1 and scoring(resumed)
+    train(target, resumed, make_batches(FREEZE.freeze_end_step, seed=3))
+    assert resumed.plan.scored_at == FREEZE.warmup_steps
+
+
+def test_a_version_1_checkpoint_loads_and_a_wrong_frozen_map_is_refused() -> None:
+    checkpoint = _frozen_checkpoint()
+    safe = checkpoint["safe"]
+    plan = FreezePlan.from_dict(safe["plan"])
+    # The layout version 1 wrote: no version, a frozen map and a scoring flag beside the plan.
+    old = {
+        "step": safe["step"],
+        "frozen": plan.unit_freeze_steps,
+        "accumulator": None,
+        "scoring": False,
+        "plan": {**safe["plan"], "version": 1},
+    }
+    old["plan"]["config"] = {k: v for k, v in old["plan"]["config"].items() if k != "order"}
+    model = make_model()
+    opt = SAFEOptimizer(_adamw(model), model, FREEZE)
+    opt.load_state_dict({"inner": checkpoint["inner"], "safe": old})
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
+    assert set(opt.frozen_units) == set(plan.unit_freeze_steps)
+    assert opt.state_dict()["safe"]["version"] == SCHEMA_VERSION
+
+    wrong = {**old, "frozen": {**old["frozen"], next(iter(old["frozen"])): 999}}
+    model2 = make_model()
+    opt2 = SAFEOptimizer(_adamw(model2), model2, FREEZE)
+    with pytest.raises(PlanError, match=r"frozen"):
+        opt2.load_state_dict({"inner": checkpoint["inner"], "safe": wrong})
+    assert opt2.frozen_adapters == []
+
+
+# ---- 9. hooks never outlive their optimizer ----------------------------------------------
+
+
+def _hooked(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_an_optimizer_dropped_during_warmup_leaves_no_hook() -> None:
+    model = make_model()
+    opt = SAFEOptimizer(_adamw(model), model, FREEZE)
+    assert _hooked(model) > 0
+    train(model, opt, make_batches(1))
+    ref = weakref.ref(opt)
+    del opt
+    assert ref() is None  # no cycle keeps it: refcounting frees it at once
+    assert _hooked(model) == 0
+    again = SAFEOptimizer(_adamw(model), model, FREEZE)  # the model is free again
+    again.close()
+
+
+def test_the_prefix_check_does_not_keep_a_deleted_optimizer_alive() -> None:
+    model = make_model()
+    model.enable_input_require_grads()
+    opt = SAFEOptimizer(_adamw(model), model, SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0))
+    opt.controller.finalize_scores({u: (0.0 if u == ADAPTERS[0] else 1.0) for u in opt.controller.units})
+    train(model, opt, make_batches(1))
+    assert opt.frozen_adapters == [ADAPTERS[0]] and _hooked(model) > 0  # the one-shot check waits
+    ref = weakref.ref(opt)
+    del opt
+    assert ref() is None
+    assert _hooked(model) - sum(len(m._forward_hooks) for m in model.modules()) <= 1
+
+
+def test_a_second_live_optimizer_on_the_model_is_an_error_and_close_frees_it() -> None:
+    model = make_model()
+    first = SAFEOptimizer(_adamw(model), model, FREEZE)
+    with pytest.raises(
+        RuntimeError, match=r"already driven by a live SAFE engine.*close\(\).*with SAFEOptimizer"
+    ):
+        SAFEOptimizer(_adamw(model), model, FREEZE)
+    plan = _plan_freezing(make_model(), ADAPTERS[0], 2)
+    with pytest.raises(RuntimeError, match=r"already driven"):  # a replay would step them too
+        SAFEOptimizer(_adamw(model), model, plan=plan)
+    first.close()
+    assert _hooked(model) == 0
+    with pytest.raises(RuntimeError, match=r"closed"):
+        first.step()
+    with SAFEOptimizer(_adamw(model), model, FREEZE) as second:
+        train(model, second, make_batches(2))
+        assert _hooked(model) > 0
+    assert second.controller.closed and _hooked(model) == 0
+
+
+def test_wrapping_a_safe_optimizer_is_a_type_error() -> None:
+    model = make_model()
+    with SAFEOptimizer(_adamw(model), model, FREEZE) as opt:
+        with pytest.raises(TypeError, match=r"got a SAFEOptimizer to wrap; wrap the inner optimizer once"):
+            SAFEOptimizer(opt, model, FREEZE)
+        assert len(opt.controller.pairs) == len(ADAPTERS)  # the refused wrap added no hook
+
+
+def test_freeze_callbacks_can_unsubscribe() -> None:
+    model = make_model()
+    seen: list[int] = []
+    with SAFEOptimizer(_adamw(model), model, FREEZE) as opt:
+        opt.add_freeze_callback(lambda e: seen.append(e.step))
+        opt.add_freeze_callback(callback := lambda e: seen.append(-e.step))
+        opt.remove_freeze_callback(callback)
+        train(model, opt, make_batches(FREEZE.freeze_end_step + 1))
+    assert seen == [e.step for e in opt.plan.events] and seen

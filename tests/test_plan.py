@@ -426,19 +426,19 @@ DAMAGES: list[tuple[str, Any, str]] = [
         "events[0].step: expected a positive integer below 2**63, got an integer of 16610 bits",
     ),
     (
-        "scored-at-zero",
-        lambda d: d["scores"].update(scored_at=0),
-        "scores.scored_at: expected a positive integer, got 0",
+        "scored-at-negative",
+        lambda d: d["scores"].update(scored_at=-1),
+        "scores.scored_at: expected a non-negative integer, got -1",
     ),
     (
         "scored-at-float",
         lambda d: d["scores"].update(scored_at=4.0),
-        "scores.scored_at: expected a positive integer, got 4.0",
+        "scores.scored_at: expected a non-negative integer, got 4.0",
     ),
     (
         "scored-at-bool",
         lambda d: d["scores"].update(scored_at=False),
-        "scores.scored_at: expected a positive integer, got false",
+        "scores.scored_at: expected a non-negative integer, got false",
     ),
     # counts: ints >= 0, below 2**63
     (

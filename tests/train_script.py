@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.plan.save(path)
     if args.out is not None:
         params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "frozen": optimizer.frozen}, args.out)
+        torch.save({"params": params, "frozen": optimizer.frozen_adapters}, args.out)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,18 @@ def _gram_terms(x: _Array, y: _Array, debiased: bool) -> tuple[float, float, flo
     return float(np.sum(kc * lc)), float(np.sum(kc * kc)), float(np.sum(lc * lc))
 
 
+def _pow2_scale(a: _Array) -> _Array:
+    """Scale ``a`` by the power of two that brings its largest magnitude into [0.5, 1).
+
+    CKA is scale invariant and a power of two rescales exactly; starting from the largest
+    magnitude, not a norm, keeps values like 1e200 from overflowing when squared.
+    """
+    if a.size == 0:
+        return a
+    _, exponent = np.frexp(np.max(np.abs(a)))
+    return np.ldexp(a, -int(exponent))
+
+
 def linear_cka_numpy(
     x: ArrayLike,
     y: ArrayLike,
@@ -148,6 +160,7 @@ def linear_cka_numpy(
     xa, ya = xa[finite], ya[finite]
     n = xa.shape[0]
     check_enough_rows(n, debiased=debiased)
+    xa, ya = _pow2_scale(xa), _pow2_scale(ya)
     xc = xa - xa.mean(axis=0)
     yc = ya - ya.mean(axis=0)
     tol = constant_tolerance(n, _EPS)

@@ -7,7 +7,10 @@ run without scoring sees the same dropout masks and data order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,9 +35,20 @@ STAT_KK = 1  # sum of unbiased HSIC(K, K)
 STAT_LL = 2  # sum of unbiased HSIC(L, L)
 STAT_BATCHES = 3  # minibatches that contributed
 STAT_ROWS_USED = 4  # rows that contributed
-STAT_ROWS_SKIPPED = 5  # non-finite drawn rows, plus rows of minibatches with < 4 valid rows
-NUM_STATS = 6
-STAT_NAMES = ("sum_kl", "sum_kk", "sum_ll", "batches", "rows_used", "rows_skipped")
+STAT_ROWS_PADDING = 5  # rows left out by the padding mask
+STAT_ROWS_NONFINITE = 6  # drawn rows left out for holding NaN/Inf
+STAT_ROWS_SHORT = 7  # finite rows of minibatches left with fewer than 4 of them
+NUM_STATS = 8
+STAT_NAMES = (
+    "sum_kl",
+    "sum_kk",
+    "sum_ll",
+    "batches",
+    "rows_used",
+    "rows_padding",
+    "rows_nonfinite",
+    "rows_short",
+)
 
 _TensorLike = torch.Tensor | np.ndarray[Any, Any]
 
@@ -46,87 +60,123 @@ def _private_generator(device: torch.device | str) -> torch.Generator:
     return generator
 
 
-def _rows(x: _TensorLike, y: _TensorLike, mask: _TensorLike | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Flatten to rows, drop padding, then drop non-finite rows.
+@dataclasses.dataclass(frozen=True)
+class RowDraw:
+    """Which rows of a ``(..., D)`` output one minibatch reads: the one sampling rule.
 
-    Returns:
-        ``(x, y, skipped)``: x ``(N, Dx)`` and y ``(N, Dy)`` on x's device, and the
-        number of unmasked rows dropped for holding NaN/Inf.
+    Padding (mask False) is dropped first, then at most ``max_rows`` of the remaining rows
+    are drawn without replacement; rows holding NaN/Inf are dropped only after the draw,
+    so only the drawn rows are ever read and the cost does not grow with the batch.
     """
-    xt = torch.as_tensor(x).detach()
-    yt = torch.as_tensor(y).detach().to(xt.device)
-    x_shape = tuple(xt.shape)
-    check_row_shapes(x_shape, tuple(yt.shape))
-    xt = xt.reshape(-1, xt.shape[-1])  # (N, Dx)
-    yt = yt.reshape(-1, yt.shape[-1])  # (N, Dy)
-    if mask is not None:
+
+    # Flat indices of the drawn rows, or None for every row (no mask, nothing to subsample).
+    rows: torch.Tensor | None
+    # Rows left out by the mask.
+    padding: int
+    # Rows of the output drawn from (the product of its leading dimensions).
+    total: int
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The drawn rows of ``t`` (..., D) as a new (n, D) tensor that owns its memory.
+
+        A copy, never a view: an adapter that adds to its base output in place cannot
+        change the rows read before it ran.
+        """
+        flat = t.detach().reshape(-1, t.shape[-1])  # (N, D), a view where possible
+        if self.rows is None:
+            return flat.clone()
+        return flat[self.rows.to(flat.device)]  # (n, D): advanced indexing copies
+
+
+def draw_rows(
+    shape: tuple[int, ...],
+    mask: _TensorLike | None,
+    max_rows: int | None,
+    generator: torch.Generator,
+) -> RowDraw:
+    """Draw the rows of an output of ``shape`` (..., D) that one minibatch reads.
+
+    Args:
+        shape: Shape of the base output ``x``.
+        mask: Bool of shape ``shape[:-1]``, True for real tokens, or None.
+        max_rows: Draw at most this many of the unmasked rows; None keeps all.
+        generator: Draws the subsample; the global RNG is never used.
+
+    Raises:
+        ValueError: If the mask is not bool of shape ``shape[:-1]``.
+    """
+    n = math.prod(shape[:-1])
+    if mask is None:
+        if max_rows is None or n <= max_rows:
+            return RowDraw(None, 0, n)
+        rows = torch.arange(n, device=generator.device)
+        padding = 0
+    else:
         m = torch.as_tensor(mask)
-        check_mask_shape(tuple(m.shape), x_shape, m.dtype == torch.bool)
-        m = m.reshape(-1).to(xt.device)  # (N,)
-        xt, yt = xt[m], yt[m]
-    # Padding is dropped first so that NaN padding is neither used nor reported.
-    finite = torch.isfinite(xt).all(dim=1) & torch.isfinite(yt).all(dim=1)  # (N,)
-    skipped = int((~finite).sum())
-    if skipped:
-        xt, yt = xt[finite], yt[finite]
-    return xt, yt, skipped
+        check_mask_shape(tuple(m.shape), shape, m.dtype == torch.bool)
+        rows = m.reshape(-1).nonzero().squeeze(1)  # (n_valid,)
+        padding = n - rows.shape[0]
+    if max_rows is not None and rows.shape[0] > max_rows:
+        keep = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:max_rows]
+        rows = rows[keep.to(rows.device)]
+    return RowDraw(rows, padding, n)
 
 
-def _subsample(
-    x: torch.Tensor, y: torch.Tensor, max_rows: int | None, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep ``max_rows`` rows drawn without replacement, if there are more."""
-    n = x.shape[0]
-    if max_rows is None or n <= max_rows:
-        return x, y
-    keep = torch.randperm(n, generator=generator, device=generator.device)[:max_rows]
-    keep = keep.to(x.device)
-    return x[keep], y[keep]
+def _finite_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop rows with NaN/Inf in ``x`` (n, Dx) or ``y`` (n, Dy); return them and the count dropped."""
+    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)  # (n,)
+    dropped = int((~finite).sum())
+    if dropped:
+        x, y = x[finite], y[finite]
+    return x, y, dropped
 
 
-def _sample_rows(
+def _sample(
     x: _TensorLike,
     y: _TensorLike,
     mask: _TensorLike | None,
     max_rows: int | None,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Draw up to ``max_rows`` unmasked rows, then drop the non-finite ones among them.
-
-    Only the drawn rows are ever read, so the cost does not grow with the batch: this
-    runs inside the training forward.
-
-    Returns:
-        ``(x, y, skipped)``: the drawn finite rows, x ``(n, Dx)`` and y ``(n, Dy)``, and
-        how many drawn rows held NaN/Inf.
-    """
+) -> tuple[torch.Tensor, torch.Tensor, RowDraw]:
+    """The drawn rows of ``x`` and ``y`` (finite or not) and the draw, with shape checks."""
     xt = torch.as_tensor(x).detach()
     yt = torch.as_tensor(y).detach().to(xt.device)
-    x_shape = tuple(xt.shape)
-    check_row_shapes(x_shape, tuple(yt.shape))
-    xt = xt.reshape(-1, xt.shape[-1])  # (N, Dx), a view where possible
-    yt = yt.reshape(-1, yt.shape[-1])  # (N, Dy)
-    if mask is None:
-        rows = None if max_rows is None or xt.shape[0] <= max_rows else torch.arange(xt.shape[0])
-    else:
-        m = torch.as_tensor(mask)
-        check_mask_shape(tuple(m.shape), x_shape, m.dtype == torch.bool)
-        rows = m.reshape(-1).nonzero().squeeze(1)  # (n_valid,)
-    if rows is not None and max_rows is not None and rows.shape[0] > max_rows:
-        keep = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:max_rows]
-        rows = rows[keep.to(rows.device)]
-    if rows is not None:
-        rows = rows.to(xt.device)
-        xt, yt = xt[rows], yt[rows]  # (n, Dx), (n, Dy)
-    finite = torch.isfinite(xt).all(dim=1) & torch.isfinite(yt).all(dim=1)  # (n,)
-    skipped = int((~finite).sum())
-    if skipped:
-        xt, yt = xt[finite], yt[finite]
-    return xt, yt, skipped
+    check_row_shapes(tuple(xt.shape), tuple(yt.shape))
+    draw = draw_rows(tuple(xt.shape), mask, max_rows, generator)
+    return draw.take(xt), draw.take(yt), draw
 
 
-def _center(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-center ``x`` (N, D); also return whether it is constant (0-dim bool)."""
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """Scale ``x`` by the power of two that brings its largest magnitude into [0.5, 1).
+
+    CKA is scale invariant; a power of two rescales exactly, and working from the largest
+    magnitude (never a norm, which squares) keeps 1e30 in float32 or 1e200 in float64 from
+    overflowing before anything else is computed.
+    """
+    peak = x.abs().max() if x.numel() else x.new_zeros(())
+    _, exponent = torch.frexp(peak)
+    return torch.ldexp(x, -exponent)
+
+
+def _coarse_scale(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``x`` and ``y`` by one power of two, 2**(-64 k), that keeps their fourth powers finite.
+
+    The factor is 1 for any magnitude in [2**-64, 2**64), so every usual minibatch adds its
+    HSIC terms unscaled; only extreme activations (1e200 in float64) are brought into range.
+    One factor for both sides scales a minibatch's three terms alike, so the ratio of sums
+    stays a consistent estimate.
+    """
+    peak = torch.maximum(x.abs().max(), y.abs().max())
+    _, exponent = torch.frexp(peak)
+    shift = torch.div(exponent, 64, rounding_mode="floor") * 64
+    return torch.ldexp(x, -shift), torch.ldexp(y, -shift)
+
+
+def _center(x: torch.Tensor, *, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-center ``x`` (N, D), first scaled to unit magnitude unless ``rescale`` is False;
+    also return whether it is constant (0-dim bool)."""
+    if rescale:
+        x = _pow2_scale(x)
     xc = x - x.mean(dim=0)
     tol = constant_tolerance(x.shape[0], torch.finfo(x.dtype).eps)
     return xc, torch.linalg.norm(xc) <= tol * torch.linalg.norm(x)
@@ -198,8 +248,9 @@ def linear_cka_torch(
 
     Biased (Kornblith et al. 2019) or, with ``debiased=True``, with Song et al.'s
     unbiased HSIC. float16/bfloat16/float32 inputs are computed in float32, float64 in
-    float64. Padding (``mask`` False) is dropped, then rows with NaN/Inf in ``x`` or
-    ``y`` are skipped with a warning, then at most ``max_rows`` rows are subsampled.
+    float64. Rows are drawn as the accumulator draws them (:func:`draw_rows`): padding
+    (``mask`` False) is dropped, at most ``max_rows`` rows are subsampled, then drawn rows
+    with NaN/Inf in ``x`` or ``y`` are skipped with a warning.
 
     Args:
         x: Base output of shape ``(..., Dx)``; leading dimensions are flattened to rows.
@@ -223,10 +274,10 @@ def linear_cka_torch(
         >>> round(linear_cka_torch(x, 2.0 * x), 6)
         1.0
     """
-    xf, yf, skipped = _rows(x, y, mask)
+    generator = generator or _private_generator(torch.as_tensor(x).device)
+    xf, yf, _ = _sample(x, y, mask, max_rows, generator)
+    xf, yf, skipped = _finite_rows(xf, yf)
     warn_nonfinite(skipped, xf.shape[0] + skipped)
-    if max_rows is not None and xf.shape[0] > max_rows:
-        xf, yf = _subsample(xf, yf, max_rows, generator or _private_generator(xf.device))
     n = xf.shape[0]
     check_enough_rows(n, debiased=debiased)
     dtype = torch.float64 if torch.float64 in (xf.dtype, yf.dtype) else torch.float32
@@ -310,10 +361,9 @@ class CKAAccumulator:
     def update(self, index: int, x: _TensorLike, y: _TensorLike, mask: _TensorLike | None = None) -> None:
         """Add one minibatch of adapter ``index``'s base and adapted outputs.
 
-        Padding (``mask`` False) is dropped and at most ``max_rows`` rows are drawn;
-        drawn rows with NaN/Inf are skipped and counted in ``STAT_ROWS_SKIPPED``; a
-        minibatch with fewer than 4 valid rows is skipped (its rows counted) instead of
-        raising. Only the drawn rows are read, so the cost does not grow with the batch.
+        Rows are drawn by :meth:`draw` (padding dropped, at most ``max_rows`` kept), then
+        passed to :meth:`add`. Only the drawn rows are read, so the cost does not grow
+        with the batch.
 
         Args:
             index: Adapter index in ``[0, num_adapters)``.
@@ -326,14 +376,42 @@ class CKAAccumulator:
             ValueError: If shapes or the mask do not match.
         """
         self._check_index(index)
-        xf, yf, skipped = _sample_rows(x, y, mask, self.max_rows, self.generator)
-        n = xf.shape[0]
+        xr, yr, draw = _sample(x, y, mask, self.max_rows, self.generator)
+        self.add(index, xr, yr, padding=draw.padding)
+
+    def draw(self, shape: tuple[int, ...], mask: _TensorLike | None = None) -> RowDraw:
+        """Draw the rows of an output of ``shape`` that the next :meth:`add` reads.
+
+        The forward hooks draw when the base output appears and copy only those rows, so
+        an adapter that later writes into its base output in place changes nothing read.
+        """
+        return draw_rows(shape, mask, self.max_rows, self.generator)
+
+    def add(self, index: int, x: torch.Tensor, y: torch.Tensor, *, padding: int = 0) -> None:
+        """Add drawn rows ``x`` (n, Dx) and ``y`` (n, Dy) of adapter ``index`` as one minibatch.
+
+        Rows with NaN/Inf are dropped and counted; a minibatch left with fewer than 4 rows
+        is counted and skipped instead of raising. Extreme magnitudes are brought into
+        range by one power of two for both sides (see ``_coarse_scale``), so float64 sums
+        never overflow; usual activations are added unscaled.
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+            ValueError: If ``x`` and ``y`` are not (n, D) with the same n.
+        """
+        self._check_index(index)
+        check_row_shapes(tuple(x.shape), tuple(y.shape))
         row = self.stats[index]  # (NUM_STATS,) view: in-place adds update stats
+        row[STAT_ROWS_PADDING] += padding
+        x, y, nonfinite = _finite_rows(x.to(self.stats.device), y.to(self.stats.device))
+        row[STAT_ROWS_NONFINITE] += nonfinite
+        n = x.shape[0]
         if n < MIN_ROWS_UNBIASED:
-            row[STAT_ROWS_SKIPPED] += skipped + n
+            row[STAT_ROWS_SHORT] += n
             return
-        xc, x_constant = _center(xf.to(self.dtype))
-        yc, y_constant = _center(yf.to(self.dtype))
+        x, y = _coarse_scale(x.to(self.dtype), y.to(self.dtype))
+        xc, x_constant = _center(x, rescale=False)
+        yc, y_constant = _center(y, rescale=False)
         # The estimator ignores centering; centering only cuts cancellation error. A
         # constant side is snapped to exact zeros so rounding noise never scores.
         xc = xc.masked_fill(x_constant, 0.0)
@@ -341,21 +419,30 @@ class CKAAccumulator:
         row[STAT_KL : STAT_LL + 1] += _hsic_unbiased(xc, yc).to(row)
         row[STAT_BATCHES] += 1
         row[STAT_ROWS_USED] += n
-        row[STAT_ROWS_SKIPPED] += skipped
 
-    def _undefined_reason(self, index: int) -> str | None:
-        _, kk, ll, batches, used, skipped = self.stats[index].tolist()
+    def undefined_reason(self, index: int) -> str | None:
+        """Why adapter ``index`` has no CKA value, in words; None when it has one."""
+        _, kk, ll, batches, used, padding, nonfinite, short = self.stats[index].tolist()
         if batches == 0:
-            return (
-                f"adapter {index} has no usable minibatch ({int(skipped)} rows skipped); "
-                f"each minibatch needs at least {MIN_ROWS_UNBIASED} finite, unmasked rows"
-            )
+            seen = used + padding + nonfinite + short
+            if seen == 0:
+                cause = "no training forward reached it (model in eval mode or under torch.no_grad()?)"
+            elif padding and not (nonfinite or short):
+                cause = f"all {int(padding)} rows it saw were padding"
+            elif nonfinite >= short:
+                cause = f"{int(nonfinite)} of its drawn rows held NaN/Inf"
+            else:
+                cause = (
+                    f"its minibatches had fewer than {MIN_ROWS_UNBIASED} usable rows "
+                    f"({int(short)} rows in all)"
+                )
+            return f"adapter {index} has no usable minibatch: {cause}"
         for name, value in (("x (base output)", kk), ("y (adapted output)", ll)):
             if not (value > 0 and math.isfinite(value)):
                 return (
                     f"adapter {index}: unbiased self-HSIC sum of {name} must be positive "
                     f"and finite, got {value:.6g} over {int(batches)} minibatches "
-                    f"({int(used)} rows); its features are constant or too few rows were seen"
+                    f"({int(used)} rows); its features are constant"
                 )
         return None
 
@@ -375,7 +462,7 @@ class CKAAccumulator:
                 self-HSIC sum; the message names the adapter.
         """
         self._check_index(index)
-        reason = self._undefined_reason(index)
+        reason = self.undefined_reason(index)
         if reason is not None:
             raise CKAUndefinedError(reason)
         kl, kk, ll = self.stats[index, STAT_KL : STAT_LL + 1].tolist()
@@ -395,7 +482,7 @@ class CKAAccumulator:
         defined = self.defined()
         bad = (~defined).nonzero().flatten().tolist()
         if bad and strict:
-            first = self._undefined_reason(bad[0])
+            first = self.undefined_reason(bad[0])
             raise CKAUndefinedError(
                 f"CKA is undefined for {len(bad)} of {self.num_adapters} adapters {bad[:10]}; first: {first}"
             )
@@ -427,22 +514,70 @@ class CKAAccumulator:
         return {
             "columns": list(STAT_NAMES),
             "stats": self.stats.tolist(),
+            "generator_device": self.generator.device.type,
             "generator_state": self.generator.get_state().tolist(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Any, *, reseed: int | None = None) -> None:
         """Restore from ``state_dict()`` output, e.g. after a JSON round trip.
 
+        Everything is checked before anything changes. A generator state saved on another
+        kind of device (a CUDA generator's state on the CPU, or the other way round) cannot
+        be restored; with ``reseed`` the generator is seeded with it instead and a warning
+        says so, without it that is an error.
+
         Raises:
-            ValueError: If the columns or the number of adapters differ.
+            ValueError: If the state is malformed, or its columns, number of adapters or
+                generator state do not fit.
         """
+        self.prepare_load(state, reseed=reseed)()
+
+    def prepare_load(self, state: Any, *, reseed: int | None = None) -> Callable[[], None]:
+        """Validate ``state`` and return the function that applies it (and cannot fail)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"an accumulator state is a dict, got {type(state).__name__}")
+        missing = sorted({"columns", "stats", "generator_state"} - set(state))
+        if missing:
+            raise ValueError(f"the accumulator state misses {missing}")
         if list(state["columns"]) != list(STAT_NAMES):
             raise ValueError(f"state columns {state['columns']} do not match {list(STAT_NAMES)}")
-        stats = torch.tensor(state["stats"], dtype=torch.float64)
+        try:
+            stats = torch.tensor(state["stats"], dtype=torch.float64)
+            saved = torch.tensor(state["generator_state"], dtype=torch.uint8)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ValueError(f"the accumulator state holds non-numeric values: {err}") from None
         if stats.shape != self.stats.shape:
             raise ValueError(
                 f"state holds stats of shape {tuple(stats.shape)}, this accumulator "
                 f"{tuple(self.stats.shape)} (num_adapters={self.num_adapters})"
             )
-        self.stats.copy_(stats)
-        self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
+        here = self.generator.get_state()
+        device = state.get("generator_device", "cpu")
+        if saved.shape != here.shape or device != self.generator.device.type:
+            if reseed is None:
+                raise ValueError(
+                    f"the accumulator state holds a {device} generator state of {saved.numel()} bytes; "
+                    f"this accumulator's generator is on {self.generator.device.type} "
+                    f"({here.numel()} bytes)"
+                )
+            seed = reseed
+
+            def apply_reseeded() -> None:
+                self.stats.copy_(stats)
+                self.generator.manual_seed(seed)
+                warnings.warn(
+                    f"the checkpoint's scoring generator state is for a {device} generator and cannot "
+                    f"be restored on {self.generator.device.type}; the generator was reseeded "
+                    f"deterministically ({seed}), so the rows sampled from now on differ from an "
+                    "uninterrupted run and the final scores may differ slightly",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+            return apply_reseeded
+
+        def apply() -> None:
+            self.stats.copy_(stats)
+            self.generator.set_state(saved)
+
+        return apply

@@ -257,7 +257,7 @@ def train(
         key = (
             tuple(batch["input_ids"].shape),
             safe is not None and safe.controller.scoring,
-            tuple(safe.frozen) if safe is not None else (),
+            tuple(safe.frozen_adapters) if safe is not None else (),
         )
         if key in seen:
             loss = model(**batch).loss
