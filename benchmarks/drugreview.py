@@ -5,8 +5,8 @@ Variants, each over the same seeds, data order and hyperparameters:
 - ``lora``: plain LoRA.
 - ``safe``: SAFE with the default :class:`~safefreeze.SAFEConfig` of this task.
 - ``oracle``: SAFE's final frozen set at SAFE's steps, replayed with no scoring.
-- ``position``: as many adapters as SAFE froze at each step, taken from the lowest layer
-  up (AdapterDrop-like): shows whether CKA selection matters.
+- ``position``: SAFE with ``order="depth"``: as many adapters as SAFE froze by each step,
+  taken from the lowest layer up (AdapterDrop-like): shows whether CKA selection matters.
 
 Run ``python benchmarks/drugreview.py`` (or ``nox -s bench``); it writes
 ``docs/benchmarks.md``, its plots and ``benchmarks/results/drugreview.json``.
@@ -16,55 +16,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from safefreeze import FreezeEvent, FreezePlan, SAFEConfig, SAFEOptimizer
+from safefreeze import SAFEConfig, SAFEOptimizer
 from safefreeze.demo import DEMO_TASK, demo_config
 from safefreeze.demo.data import load_drug_reviews
 from safefreeze.demo.task import RunResult, TaskConfig, build_model, encode, train
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("lora", "safe", "oracle", "position")
-TARGETS = {  # SAFE vs plain LoRA, from the benchmark issue
-    "saved_bytes": 0.50,
-    "flops": 0.60,
-    "wall_time": 0.80,
-    "accuracy_drop_points": 1.0,
-    "warmup_overhead": 0.03,
-    "flops_vs_oracle": 0.02,
-}
 
 
-def position_plan(plan: FreezePlan) -> FreezePlan:
-    """Freeze as many units as ``plan`` does at each step, lowest layers first."""
-    order = list(plan.units)  # model order: lower layers first
-    events, taken = [], 0
-    for event in plan.events:
-        units = order[taken : taken + len(event.units)]
-        taken += len(units)
-        events.append(
-            FreezeEvent(
-                step=event.step,
-                units=tuple(units),
-                adapters=tuple(a for u in units for a in plan.units[u]),
-                threshold=math.nan,
-                raw_scores={},
-                normalized_scores={},
-                params_freed=0,
-                state_bytes_freed=0,
-            )
-        )
-    return FreezePlan(config=plan.config, adapters=plan.adapters, units=plan.units, events=events)
+def _load_report() -> ModuleType:
+    """``report.py`` beside this file, whether this runs as a script or is imported."""
+    spec = importlib.util.spec_from_file_location(
+        "safefreeze_benchmark_report", Path(__file__).with_name("report.py")
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {Path(__file__).with_name('report.py')}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load_report()
 
 
 def warmup_overhead(
@@ -111,13 +97,11 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
     results: list[RunResult] = []
     for seed in seeds:
 
-        def report(step: int, total: int, loss: float, name: str = "", s: int = seed) -> None:
+        def show(name: str, step: int, total: int, loss: float, s: int = seed) -> None:
             if step == total or step % max(1, total // 10) == 0:
                 print(f"  seed {s} {name:8s} step {step:4d}/{total}  loss {loss:.3f}", flush=True)
 
-        lora = train(
-            "lora", task, train_data, test_data, seed=seed, progress=lambda *a: report(*a, name="lora")
-        )
+        lora = train("lora", task, train_data, test_data, seed=seed, progress=functools.partial(show, "lora"))
         safe = train(
             "safe",
             task,
@@ -125,7 +109,7 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             test_data,
             seed=seed,
             config=config,
-            progress=lambda *a: report(*a, name="safe"),
+            progress=functools.partial(show, "safe"),
         )
         if safe.plan is None:
             raise RuntimeError("the SAFE run recorded no plan")
@@ -136,7 +120,7 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             test_data,
             seed=seed,
             plan=safe.plan,
-            progress=lambda *a: report(*a, name="oracle"),
+            progress=functools.partial(show, "oracle"),
         )
         position = train(
             "position",
@@ -144,10 +128,11 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             train_data,
             test_data,
             seed=seed,
-            plan=position_plan(safe.plan),
-            progress=lambda *a: report(*a, name="position"),
+            config=dataclasses.replace(config, order="depth"),
+            progress=functools.partial(show, "position"),
         )
-        results += [lora, safe, oracle, position]
+        runs = {r.variant: r for r in (lora, safe, oracle, position)}
+        results += [runs[v] for v in report.VARIANTS]
         for r in (lora, safe, oracle, position):
             print(
                 f"seed {seed} {r.variant:8s} acc {r.accuracy:.3f} f1 {r.macro_f1:.3f} "
@@ -195,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(data, indent=1))
     if not args.no_docs:
-        from report import write_report
-
-        write_report(data, args.docs)
+        report.write_report(data, args.docs)
     return 0
 
 

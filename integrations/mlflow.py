@@ -15,6 +15,11 @@ a metric, a tag or an artifact):
 
 Nothing here sets a tracking URI: without ``tracking_uri=`` MLflow's own resolution applies
 (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory).
+
+Every per-step value comes from the plan (:meth:`~safefreeze.FreezePlan.threshold_at`,
+:meth:`~safefreeze.FreezePlan.trainable_params_at`, :meth:`~safefreeze.FreezePlan.frozen_adapters_at`)
+and the picture from :func:`safefreeze.plots.save_timeline`; this module only translates them
+into MLflow calls.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import functools
 import math
 import os
 import re
+import sqlite3
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -41,9 +47,10 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from safefreeze.controller import FreezeController  # noqa: E402
+from safefreeze.distributed import is_main_process  # noqa: E402
 from safefreeze.optimizer import SAFEOptimizer  # noqa: E402
 from safefreeze.plan import FreezeEvent, FreezePlan, PlanError  # noqa: E402
-from safefreeze.schedule import cubic_threshold  # noqa: E402
+from safefreeze.plots import save_timeline  # noqa: E402
 
 __all__ = [
     "ARTIFACT_PATH",
@@ -64,7 +71,6 @@ __all__ = [
     "TrackingError",
     "load_plan",
     "log_plan",
-    "save_timeline",
     "tag_replay",
 ]
 
@@ -131,7 +137,7 @@ def log_plan(
     """
     uri = _resolve_uri(tracking_uri)
     run_id = run_id or _active_run_id(uri, "log_plan")
-    client = mlflow.MlflowClient(uri)
+    client = _call(uri, "opening the tracking store", lambda: _client(uri))
     _log_params(client, uri, run_id, plan)
     path = _call(
         uri, f"logging the plan to run {run_id}", lambda: _log_plan(client, run_id, plan, artifact_path)
@@ -162,7 +168,7 @@ def load_plan(ref: str, *, tracking_uri: str | None = None) -> FreezePlan:
     run_id, path = _parse_ref(ref)
     uri = _resolve_uri(tracking_uri)
     _check_store_exists(uri)
-    client = mlflow.MlflowClient(uri)
+    client = _call(uri, "opening the tracking store", lambda: _client(uri))
     if path is None:
         run = _call(uri, f"reading run {run_id}", lambda: client.get_run(run_id))
         tags = run.data.tags
@@ -180,11 +186,7 @@ def load_plan(ref: str, *, tracking_uri: str | None = None) -> FreezePlan:
         if local.is_dir():
             raise PlanError(f"{source} is a directory, not a plan file; name the JSON file in the URI")
         raw = local.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise PlanError(f"{source} is not a JSON text (byte {err.start} is not UTF-8)") from None
-    return FreezePlan.from_json(text, source=source)
+    return FreezePlan.from_json(raw, source=source)
 
 
 def tag_replay(source: str, *, run_id: str | None = None, tracking_uri: str | None = None) -> None:
@@ -204,69 +206,8 @@ def tag_replay(source: str, *, run_id: str | None = None, tracking_uri: str | No
     source_id, _ = _parse_ref(source)
     uri = _resolve_uri(tracking_uri)
     run_id = run_id or _active_run_id(uri, "tag_replay")
-    client = mlflow.MlflowClient(uri)
+    client = _call(uri, "opening the tracking store", lambda: _client(uri))
     _call(uri, f"tagging run {run_id}", lambda: client.set_tag(run_id, TAG_REPLAYED_FROM, source_id))
-
-
-def save_timeline(plan: FreezePlan, path: str | os.PathLike[str], *, steps: int | None = None) -> Path:
-    """Draw which adapter froze at which step as a PNG (matplotlib, Agg, no pyplot state).
-
-    One row per adapter in model order, the first adapter on top: trained span, freeze
-    step, frozen span; dashed lines mark the end of the warm-up and ``freeze_end_step``.
-
-    Args:
-        plan: The plan to draw (a recorded run's, a replay's or a fallback file's).
-        path: Where to write the PNG.
-        steps: Optimizer steps the run took (the x axis ends there or at the last event).
-
-    Returns:
-        The path written.
-    """
-    require("matplotlib", "mlflow")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    names = [a.name for a in plan.adapters]
-    frozen = plan.frozen
-    end = max([1, steps or 0, plan.config.freeze_end_step, *frozen.values()])
-    fig = Figure(figsize=(8.0, 1.8 + 0.26 * len(names)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    trained, idle = "#4C72B0", "#D9D9D9"
-    for row, name in enumerate(names):
-        stop = frozen.get(name)
-        ax.barh(row, end if stop is None else stop, height=0.6, color=trained)
-        if stop is not None:
-            ax.barh(row, end - stop, left=stop, height=0.6, color=idle)
-            ax.plot([stop], [row], marker="|", markersize=10, color="black")
-    ax.axvline(plan.config.warmup_steps, linestyle="--", linewidth=1, color="#C44E52")
-    ax.axvline(plan.config.freeze_end_step, linestyle=":", linewidth=1, color="#555555")
-    ax.set_yticks(range(len(names)), _short_names(names), fontsize=7)
-    ax.set_ylim(len(names) - 0.5, -0.5)  # model order, first adapter on top
-    ax.set_xlim(0, end)
-    ax.set_xlabel("optimizer step")
-    ax.set_title(f"SAFE freeze timeline: {len(frozen)} of {len(names)} adapters frozen", fontsize=10)
-    fig.legend(
-        handles=[
-            Patch(color=trained, label="training"),
-            Patch(color=idle, label="frozen"),
-            Line2D(
-                [], [], linestyle="--", color="#C44E52", label=f"end of warm-up ({plan.config.warmup_steps})"
-            ),
-            Line2D(
-                [], [], linestyle=":", color="#555555", label=f"tau_T reached ({plan.config.freeze_end_step})"
-            ),
-        ],
-        loc="outside lower center",
-        ncols=4,
-        fontsize=7,
-        frameon=False,
-    )
-    target = Path(path)
-    fig.savefig(target, format="png", dpi=100)
-    return target
 
 
 # ---- the logger -------------------------------------------------------------------------
@@ -286,15 +227,23 @@ class MLflowFreezeLogger:
     ``mlflow.log_metric`` calls land in it) or, for another ``tracking_uri``, created through
     a client. :meth:`finish` ends only a run the logger started.
 
-    Faults: by default an MLflow failure never stops training. The first one is warned
-    about (tracking URI, action, exception), logging stops, and :meth:`finish` saves the
-    plan to a local file, printing and warning its path (:attr:`fallback_path`). With
-    ``strict=True`` the failure raises :class:`TrackingError`; the plan is still saved
-    locally when :meth:`finish` runs. MLflow's own retries apply first: bound them with
+    Faults: by default an MLflow failure never stops training, from opening the store to
+    ending the run. The first one is warned about (tracking URI, action, exception), logging
+    stops, and :meth:`finish` saves the plan to a local file (:attr:`fallback_path`): the
+    ``fallback_path=`` file, else, if that cannot be written, a file in the temporary
+    directory; stderr and a warning say where it is. It then contacts MLflow once more: a run
+    the logger started is ended as ``FAILED`` and gets the plan artifact, or, if MLflow is
+    still unreachable, stderr and a warning say that the run stays ``RUNNING`` and name it.
+    With ``strict=True`` the failure raises :class:`TrackingError`; the plan is still saved
+    locally when :meth:`finish` runs. A local sqlite store that cannot be opened fails at
+    once; over HTTP MLflow's own retries apply first: bound them with
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT``.
 
-    Under DDP or any multi-process launch only rank 0 logs (``torch.distributed`` rank when
-    initialized, else the ``RANK`` environment variable); other ranks do nothing.
+    Several processes may open a new sqlite store at once: its creation is serialized through
+    a lock file beside it (``<store>.lock``).
+
+    Under DDP or any multi-process launch only rank 0 logs
+    (:func:`safefreeze.distributed.is_main_process`); other ranks do nothing.
 
     Args:
         source: The :class:`~safefreeze.SAFEOptimizer` or :class:`~safefreeze.FreezeController`.
@@ -350,9 +299,9 @@ class MLflowFreezeLogger:
         self.replayed_from = None if replayed_from is None else _parse_ref(replayed_from)[0]
         self.tracking_uri = _resolve_uri(tracking_uri)
         # Rank 0 logs; every other process of a multi-process launch does nothing.
-        self.enabled = _rank() == 0
+        self.enabled = is_main_process()
         self.run_id: str | None = None
-        # The first MLflow failure; once set, no further MLflow call is made.
+        # The first MLflow failure; once set, no further MLflow call is made until finish().
         self.error: Exception | None = None
         # Where finish() saved the plan after a failure.
         self.fallback_path: Path | None = None
@@ -363,27 +312,33 @@ class MLflowFreezeLogger:
         self._next_step = source.step
         self._scores_logged = False
         self._keys = _metric_keys(source.units)
-        self._client = mlflow.MlflowClient(self.tracking_uri)
+        self._client: mlflow.MlflowClient | None = None
+        # One bound method, so that unsubscribing finds the very object subscribed.
+        self._callback: Callable[[FreezeEvent], None] | None = None
         if not self.enabled:
             return
-        run = self._guard("starting the run", lambda: self._start(run_id, experiment_name, run_name))
-        if run is not None:
+        self._client = self._guard("opening the tracking store", lambda: _client(self.tracking_uri))
+        client = self._client
+        run = None
+        if client is not None:
+            run = self._guard(
+                "starting the run", lambda: self._start(client, run_id, experiment_name, run_name)
+            )
+        if client is not None and run is not None:
             plan, tag = source.plan, self.replayed_from
             try:
                 self._guard(
-                    "logging the config params",
-                    lambda: _log_params(self._client, self.tracking_uri, run, plan),
+                    "logging the config params", lambda: _log_params(client, self.tracking_uri, run, plan)
                 )
                 if tag is not None:
-                    self._guard(
-                        "tagging the replay", lambda: self._client.set_tag(run, TAG_REPLAYED_FROM, tag)
-                    )
+                    self._guard("tagging the replay", lambda: client.set_tag(run, TAG_REPLAYED_FROM, tag))
             except BaseException:  # a config conflict, or strict: leave no run of ours open
                 if self._owns_run:
                     with contextlib.suppress(Exception):
-                        self._end_run(run, "FAILED")
+                        self._end_run(client, run, "FAILED")
                 raise
-        source.callbacks.append(self._on_freeze)
+        self._callback = self._on_freeze
+        source.add_callback(self._callback)
 
     def log_step(self) -> None:
         """Log every step from the last one logged up to the engine's current step."""
@@ -394,7 +349,9 @@ class MLflowFreezeLogger:
         """Log the remaining steps, the plan artifact and the timeline; end the run if ours.
 
         After an MLflow failure, save the plan to :attr:`fallback_path` instead (printed to
-        stderr and warned). Calling it again does nothing.
+        stderr and warned), then try MLflow once more to end a run the logger started as
+        ``FAILED`` with the plan in it; if that fails too, say that the run stays
+        ``RUNNING``. Calling it again does nothing.
 
         Args:
             status: End status of a run the logger started (``"FINISHED"``, ``"FAILED"``, ...).
@@ -406,31 +363,28 @@ class MLflowFreezeLogger:
         if self._finished:
             return
         self._finished = True
-        if self._on_freeze in self.controller.callbacks:
-            self.controller.callbacks.remove(self._on_freeze)
+        if self._callback is not None:
+            self.controller.remove_callback(self._callback)
+            self._callback = None
         if not self.enabled:
             return
         raised: TrackingError | None = None
         try:
             self._flush()
-            run = self.run_id
-            if run is not None:
+            run, client = self.run_id, self._client
+            if run is not None and client is not None:
                 plan, steps = self.controller.plan, self.controller.step
+                self._guard("logging the plan", lambda: _log_plan(client, run, plan, self.artifact_path))
                 self._guard(
-                    "logging the plan", lambda: _log_plan(self._client, run, plan, self.artifact_path)
+                    "logging the freeze timeline", lambda: self._log_timeline(client, run, plan, steps)
                 )
-                self._guard("logging the freeze timeline", lambda: self._log_timeline(run, plan, steps))
                 if self._owns_run:
-                    self._guard("ending the run", lambda: self._end_run(run, status))
+                    self._guard("ending the run", lambda: self._end_run(client, run, status))
         except TrackingError as err:  # strict: save the plan first, then raise
             raised = err
         if self.error is not None:
             self._save_fallback()
-            if self._fluent and _active_id() == self.run_id:
-                # end_run pops the run before contacting the server, so the process is free
-                # to start another run even if the server stays down.
-                with contextlib.suppress(Exception):
-                    mlflow.end_run("FAILED")
+            self._close_failed_run()
         if raised is not None:
             raise raised
 
@@ -449,7 +403,13 @@ class MLflowFreezeLogger:
 
     # ---- internals --------------------------------------------------------------------
 
-    def _start(self, run_id: str | None, experiment_name: str | None, run_name: str | None) -> str:
+    def _start(
+        self,
+        client: mlflow.MlflowClient,
+        run_id: str | None,
+        experiment_name: str | None,
+        run_name: str | None,
+    ) -> str:
         """Pick or start the run; return its id."""
         fluent = self.tracking_uri == mlflow.get_tracking_uri()
         active = _active_id()
@@ -458,31 +418,31 @@ class MLflowFreezeLogger:
         if run_id is None:
             experiment_id = None
             if experiment_name is not None:
-                found = self._client.get_experiment_by_name(experiment_name)
-                experiment_id = (
-                    found.experiment_id if found else self._client.create_experiment(experiment_name)
-                )
+                found = client.get_experiment_by_name(experiment_name)
+                experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
             if fluent:  # the new run becomes the active one, so the user's own metrics go there too
                 run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name).info.run_id
             else:
-                experiment_id = experiment_id or _default_experiment(self._client)
-                run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+                experiment_id = experiment_id or _default_experiment(client)
+                run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
             self._owns_run, self._fluent = True, fluent
         self.run_id = run_id
         return run_id
 
-    def _end_run(self, run_id: str, status: str) -> None:
+    def _end_run(self, client: mlflow.MlflowClient, run_id: str, status: str) -> None:
         if self._fluent and _active_id() == run_id:
+            # end_run pops the run before contacting the server, so even when that fails the
+            # process is free to start another run.
             mlflow.end_run(status)
         else:
-            self._client.set_terminated(run_id, status)
+            client.set_terminated(run_id, status)
 
     def _on_freeze(self, event: FreezeEvent) -> None:
         self._flush()
 
     def _flush(self) -> None:
-        run = self.run_id
-        if not self.enabled or run is None or self.error is not None:
+        run, client = self.run_id, self._client
+        if not self.enabled or run is None or client is None or self.error is not None:
             return
         first, last = self._next_step, self.controller.step
         if last < first:
@@ -491,31 +451,20 @@ class MLflowFreezeLogger:
         self._next_step = last + 1
         for start in range(0, len(metrics), _BATCH):
             send = functools.partial(
-                self._client.log_batch, run, metrics=metrics[start : start + _BATCH], synchronous=True
+                client.log_batch, run, metrics=metrics[start : start + _BATCH], synchronous=True
             )
             self._guard(f"logging the metrics of steps {first}..{last}", send)
 
     def _metrics(self, first: int, last: int) -> list[Metric]:
         """Per-step values of steps ``first..last``, and the final scores once they exist."""
         plan = self.controller.plan
-        cfg = plan.config
-        frozen_at = plan.frozen
-        sizes = {a.name: sum(math.prod(shape) for _, shape in a.params) for a in plan.adapters}
-        total = sum(sizes.values())
         now = int(time.time() * 1000)
         metrics = []
         for step in range(first, last + 1):
-            done = [name for name, at in frozen_at.items() if at <= step]
-            threshold = cubic_threshold(
-                step,
-                warmup_steps=cfg.warmup_steps,
-                freeze_end_step=cfg.freeze_end_step,
-                tau_target=cfg.tau_target,
-            )
             metrics += [
-                Metric(METRIC_FROZEN, float(len(done)), now, step),
-                Metric(METRIC_TRAINABLE, float(total - sum(sizes[a] for a in done)), now, step),
-                Metric(METRIC_THRESHOLD, threshold, now, step),
+                Metric(METRIC_FROZEN, float(len(plan.frozen_adapters_at(step))), now, step),
+                Metric(METRIC_TRAINABLE, float(plan.trainable_params_at(step)), now, step),
+                Metric(METRIC_THRESHOLD, plan.threshold_at(step), now, step),
             ]
         if not self._scores_logged and plan.scored_at is not None:
             self._scores_logged = True
@@ -529,10 +478,10 @@ class MLflowFreezeLogger:
                         metrics.append(Metric(prefix + key, value, now, plan.scored_at))
         return metrics
 
-    def _log_timeline(self, run_id: str, plan: FreezePlan, steps: int) -> None:
+    def _log_timeline(self, client: mlflow.MlflowClient, run_id: str, plan: FreezePlan, steps: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             png = save_timeline(plan, Path(tmp) / TIMELINE_FILE, steps=steps)
-            self._client.log_artifact(run_id, str(png), self.artifact_path or None)
+            client.log_artifact(run_id, str(png), self.artifact_path or None)
 
     def _guard(self, what: str, action: Callable[[], _T]) -> _T | None:
         """Run one MLflow action; on failure warn and stop logging, or raise when strict."""
@@ -558,15 +507,52 @@ class MLflowFreezeLogger:
             return None
 
     def _save_fallback(self) -> None:
-        stamp = self.run_id or time.strftime("%Y%m%d-%H%M%S")
-        target = self._fallback_target or Path.cwd() / f"safefreeze-plan-{stamp}.json"
-        self.fallback_path = self.controller.plan.save(target)
-        message = (
-            f"safefreeze: MLflow logging to {self.tracking_uri} failed ({_describe(self.error)}); "
-            f"the freeze plan was saved to {self.fallback_path}"
+        """Save the plan to the fallback file, else to the temporary directory; say where."""
+        plan = self.controller.plan
+        name = f"safefreeze-plan-{self.run_id or time.strftime('%Y%m%d-%H%M%S')}.json"
+        failed = ""
+        target = self._fallback_target
+        try:
+            if target is None:
+                target = Path.cwd() / name
+            self.fallback_path = plan.save(target)
+        except OSError as err:  # an unwritable directory: the temporary one is the last resort
+            where = "the working directory" if target is None else str(target)
+            failed = f" ({where} could not be written: {_describe(err)})"
+            try:
+                self.fallback_path = plan.save(Path(tempfile.gettempdir()) / name)
+            except OSError as err2:
+                failed += f"; nor could the temporary directory ({_describe(err2)})"
+        head = f"safefreeze: MLflow logging to {self.tracking_uri} failed ({_describe(self.error)})"
+        if self.fallback_path is None:  # nowhere to write: the plan goes to stderr
+            _tell(f"{head}{failed}; the freeze plan follows on stderr")
+            print(plan.to_json(), file=sys.stderr)
+        else:
+            _tell(f"{head}; the freeze plan was saved to {self.fallback_path}{failed}")
+
+    def _close_failed_run(self) -> None:
+        """After a failure, contact MLflow once more: end our run as FAILED, put the plan in it."""
+        run, client = self.run_id, self._client
+        if run is None or client is None:
+            return
+        if self._owns_run:
+            try:
+                self._end_run(client, run, "FAILED")
+            except Exception as err:  # still unreachable: stop here, one failed call is enough
+                _tell(
+                    f"safefreeze: MLflow run {run} at {self.tracking_uri} stays RUNNING: ending it as "
+                    f"FAILED failed too ({_describe(err)}); once MLflow is back, end it with "
+                    f"mlflow.MlflowClient({self.tracking_uri!r}).set_terminated({run!r}, 'FAILED')"
+                )
+                return
+        try:
+            _log_plan(client, run, self.controller.plan, self.artifact_path)
+        except Exception:
+            return  # the plan is in the fallback file; the run simply has none
+        ended = " was ended as FAILED and" if self._owns_run else ""
+        _tell(
+            f"safefreeze: MLflow at {self.tracking_uri} answered again: run {run}{ended} now holds the plan"
         )
-        print(message, file=sys.stderr)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -600,19 +586,6 @@ def _default_experiment(client: mlflow.MlflowClient) -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    # torchrun, accelerate and Lightning set RANK in every process before any init.
-    value = os.environ.get("RANK", "0")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"the RANK environment variable must be an integer, got RANK={value!r}") from None
-
-
 def _call(uri: str, what: str, action: Callable[[], _T]) -> _T:
     try:
         return action()
@@ -624,16 +597,74 @@ def _describe(err: BaseException | None) -> str:
     return "" if err is None else f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
+def _tell(message: str) -> None:
+    """Say it on stderr, which a log keeps, and as a warning, which code can catch."""
+    print(message, file=sys.stderr)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` store, or None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    return None if not path or path == ":memory:" else Path(path)
+
+
 def _check_store_exists(uri: str) -> None:
     """Refuse to read from a sqlite store that does not exist (MLflow would create it)."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = uri.removeprefix("sqlite:///").partition("?")[0]
-    if path and path != ":memory:" and not Path(path).exists():
+    path = _sqlite_path(uri)
+    if path is not None and not path.exists():
         raise TrackingError(
             f"no MLflow store at {uri}: {path} does not exist; set MLFLOW_TRACKING_URI or pass "
             "the tracking URI of the run"
         )
+
+
+def _client(uri: str) -> mlflow.MlflowClient:
+    """An MLflow client; a local sqlite store is checked first and created under a lock.
+
+    MLflow retries opening a sqlite file for about 100 s (ten tries, doubling waits) before
+    it gives up, so a file that cannot be opened is caught here first, in milliseconds. A new
+    store is created (tables, then every schema migration) by the first client that opens
+    it; two processes doing that at once break each other's migrations, so creation takes
+    an exclusive lock on ``<store>.lock`` beside the database.
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        return mlflow.MlflowClient(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)  # what MLflow does first, failing at once
+    with _store_lock(path):
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+                db.execute("PRAGMA schema_version")  # reads the header: garbage fails here too
+        except sqlite3.Error as err:
+            raise TrackingError(
+                f"cannot open the MLflow store {uri}: {path} is not a readable, creatable sqlite "
+                f"database ({_describe(err)}); pass another tracking_uri or set MLFLOW_TRACKING_URI"
+            ) from err
+        return mlflow.MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<db>.lock``; released when the file closes."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, first use stays unserialized
+        fcntl = None  # type: ignore[assignment]
+    handle = None
+    if fcntl is not None:
+        # A store on a read-only medium can be read but gets no lock file; it is never created
+        # or migrated by us either, so there is nothing to serialize.
+        with contextlib.suppress(OSError):
+            handle = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 (closed below)
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _parse_ref(ref: str) -> tuple[str, str | None]:
@@ -716,15 +747,3 @@ def _metric_keys(units: Iterable[str]) -> dict[str, str]:
             key = f"{base}_{n}"
         keys[unit] = key
     return keys
-
-
-def _short_names(names: list[str]) -> list[str]:
-    """Drop the dotted prefix all names share (``base_model.model.bert.encoder.layer.``)."""
-    if len(names) < 2:
-        return names
-    parts = [n.split(".") for n in names]
-    common = 0
-    # Keep at least two components ("layers.0", not "0").
-    while all(len(p) > common + 2 and p[common] == parts[0][common] for p in parts):
-        common += 1
-    return [".".join(p[common:]) for p in parts]

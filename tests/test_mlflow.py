@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -139,7 +140,7 @@ def _observed(opt: SAFEOptimizer) -> tuple[int, float, float, float]:
     tau = cubic_threshold(
         step, warmup_steps=cfg.warmup_steps, freeze_end_step=cfg.freeze_end_step, tau_target=cfg.tau_target
     )
-    return step, float(len(opt.frozen)), float(trainable), tau
+    return step, float(len(opt.frozen_adapters)), float(trainable), tau
 
 
 def _history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -148,6 +149,11 @@ def _history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[i
 
 def _artifact(client: mlflow.MlflowClient, run_id: str, path: str, tmp: Path) -> bytes:
     return Path(client.download_artifacts(run_id, path, str(tmp))).read_bytes()
+
+
+def _said(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """What safefreeze printed to stderr (MLflow prints its own lines and progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("safefreeze:")]
 
 
 def _free_port() -> int:
@@ -170,10 +176,13 @@ class _Server:
 
 
 @contextlib.contextmanager
-def _mlflow_server(root: Path) -> Iterator[_Server]:
-    """``mlflow server`` on a free loopback port with a sqlite store and proxied artifacts."""
+def _mlflow_server(root: Path, port: int | None = None) -> Iterator[_Server]:
+    """``mlflow server`` on loopback (a free port by default) with a sqlite store and proxied artifacts.
+
+    Started again on the same ``root`` and port, it is the same server come back.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{port or _free_port()}"
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--host", "127.0.0.1",
@@ -187,7 +196,7 @@ def _mlflow_server(root: Path) -> Iterator[_Server]:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = root / "server.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         # A session of its own, so the server and its uvicorn workers stop as one group.
         process = subprocess.Popen(
             command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -293,6 +302,7 @@ def test_without_log_step_metrics_arrive_at_each_freeze(store: str) -> None:
     _train_hand(model, opt, 2, None)
     logger.finish()
     assert _history(client, logger.run_id, METRIC_FROZEN)[-2:] == [(5, 3.0), (6, 3.0)]
+    assert opt.controller.callbacks == ()  # unsubscribed: later freezes log nothing
 
 
 def test_embedded_default_store_is_mlflow_db_in_the_working_directory(
@@ -363,7 +373,7 @@ def test_relogging_the_same_config_is_a_no_op_and_a_changed_one_is_refused(
         _, opt2 = _hand(dataclasses.replace(HAND_CONFIG, warmup_steps=4))
         with pytest.raises(ConfigConflictError, match=r"safefreeze\.warmup_steps: logged '3', now '4'"):
             MLflowFreezeLogger(opt2)
-        assert opt2.controller.callbacks == []
+        assert opt2.controller.callbacks == ()
     after = client.get_run(run.info.run_id)
     assert after.data.params == params
     assert load_plan(run.info.run_id) == opt.plan
@@ -431,8 +441,17 @@ def test_load_plan_rejects_corrupt_foreign_and_missing_plans(store: str) -> None
     with pytest.raises(PlanError, match=r"runs:/\w+/safefreeze/plan\.json is not valid JSON"):
         load_plan(run_with(good[: len(good) // 2]))
     newer = json.dumps({**json.loads(good), "version": 99})
-    with pytest.raises(PlanError, match=r"plan schema version 99; this safefreeze reads version 1"):
+    with pytest.raises(PlanError, match=r"has plan schema version 99; this safefreeze reads version"):
         load_plan(run_with(newer))
+    binary = client.create_run("0").info.run_id
+    client.log_dict(binary, {}, "safefreeze/plan.json")  # then overwritten with a pickle
+    with tempfile.TemporaryDirectory() as tmp:
+        pickled = Path(tmp) / "plan.json"
+        pickled.write_bytes(b"\x80\x04\x95\x00\xff")
+        client.log_artifact(binary, str(pickled), "safefreeze")
+    client.set_tag(binary, TAG_PLAN, "true")
+    with pytest.raises(PlanError, match=rf"runs:/{binary}/safefreeze/plan\.json is not .*UTF-8"):
+        load_plan(binary)
     with pytest.raises(PlanError, match=r"expected schema 'safefreeze\.plan', got 'other'"):
         load_plan(run_with(json.dumps({"schema": "other"})))
     bare = client.create_run("0").info.run_id
@@ -539,7 +558,7 @@ def test_unreachable_server_falls_back_to_a_local_plan_file(
         logger = MLflowFreezeLogger(opt, tracking_uri=url)
         _train_hand(model, opt, 6, logger)  # training goes on
         logger.finish()
-    assert len(opt.frozen) == 3
+    assert len(opt.frozen_adapters) == 3
     messages = [str(w.message) for w in warned]
     assert len(messages) == 2
     assert messages[0].startswith(f"MLflow logging to {url} failed while starting the run: MlflowException: ")
@@ -571,7 +590,7 @@ def test_unreachable_server_with_strict_raises(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.slow
-def test_server_dying_mid_run_loses_nothing(
+def test_server_dying_mid_run_loses_nothing_and_names_the_run_left_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for name, value in FAST_FAIL.items():
@@ -586,17 +605,194 @@ def test_server_dying_mid_run_loses_nothing(
             RuntimeWarning, match=rf"MLflow logging to {server.url} failed while logging the metrics"
         ):
             _train_hand(model, opt, 4, logger)  # freezes at step 4 with the server gone
-        assert len(opt.frozen) == 3
-        with pytest.warns(RuntimeWarning, match=r"the freeze plan was saved to"):
+        assert len(opt.frozen_adapters) == 3
+        with pytest.warns(RuntimeWarning) as warned:
             logger.finish()
+    run_id = logger.run_id
+    assert run_id is not None
     assert logger.fallback_path == fallback
     assert fallback.read_text() == opt.plan.to_json()
-    assert f"the freeze plan was saved to {fallback}" in capsys.readouterr().err
+    err = _said(capsys)
+    assert len(err) == 2 and err == [str(w.message) for w in warned]
+    assert err[0].endswith(f"the freeze plan was saved to {fallback}")
+    assert err[1].startswith(f"safefreeze: MLflow run {run_id} at {server.url} stays RUNNING: ending it")
+    assert err[1].endswith(f"set_terminated('{run_id}', 'FAILED')")
     # What reached the server before it died is in its store.
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/server/db.sqlite")
-    run = client.get_run(logger.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "RUNNING"
-    assert _history(client, run.info.run_id, METRIC_FROZEN) == [(0, 0.0), (1, 0.0), (2, 0.0)]
+    assert TAG_PLAN not in run.data.tags
+    assert _history(client, run_id, METRIC_FROZEN) == [(0, 0.0), (1, 0.0), (2, 0.0)]
+
+
+@pytest.mark.slow
+def test_a_server_back_by_the_end_gets_the_plan_and_a_failed_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in FAST_FAIL.items():
+        monkeypatch.setenv(name, value)
+    model, opt = _hand()
+    root, port = tmp_path / "server", _free_port()
+    with _mlflow_server(root, port) as server:
+        logger = MLflowFreezeLogger(opt, tracking_uri=server.url, experiment_name="safe")
+        _train_hand(model, opt, 2, logger)
+        server.kill()
+    with pytest.warns(RuntimeWarning, match=r"failed while logging the metrics of steps 3\.\.3"):
+        _train_hand(model, opt, 4, logger)
+    with _mlflow_server(root, port) as back:  # the same store, the same URL
+        assert back.url == server.url
+        with pytest.warns(RuntimeWarning) as warned:
+            logger.finish()
+        messages = [str(w.message) for w in warned]
+        assert messages == _said(capsys)
+        run_id = logger.run_id
+        assert run_id is not None
+        client = mlflow.MlflowClient(server.url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED"  # its metrics stop at step 2: not a finished run
+        assert run.data.tags[TAG_PLAN] == "true"
+        assert load_plan(run_id, tracking_uri=server.url) == opt.plan
+        assert _history(client, run_id, METRIC_FROZEN) == [(0, 0.0), (1, 0.0), (2, 0.0)]
+    assert logger.fallback_path is not None and logger.fallback_path.parent == tmp_path
+    assert messages[0].endswith(f"the freeze plan was saved to {logger.fallback_path}")
+    assert messages[1] == (
+        f"safefreeze: MLflow at {server.url} answered again: run {run_id} was ended as FAILED and "
+        "now holds the plan"
+    )
+
+
+def test_a_store_that_cannot_be_written_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan lands in the run when it can, else the fallback file, else the temporary directory."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    (tmp_path / "afile").write_text("")
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    # A writable store whose artifact directory cannot be created (root ignores chmod, so the
+    # directory sits under a regular file), and a fallback file that cannot be written either.
+    experiment = client.create_experiment("broken", artifact_location=str(tmp_path / "afile" / "art"))
+    model, opt = _hand()
+    logger = MLflowFreezeLogger(
+        opt, tracking_uri=uri, run_id=None, experiment_name="broken",
+        fallback_path=tmp_path / "afile" / "plan.json",
+    )  # fmt: skip
+    _train_hand(model, opt, 6, logger)
+    with pytest.warns(RuntimeWarning) as warned:
+        logger.finish()
+    messages = [str(w.message) for w in warned]
+    assert messages[0].startswith(
+        f"MLflow logging to {uri} failed while logging the plan: NotADirectoryError"
+    )
+    path = logger.fallback_path
+    assert path == temp / f"safefreeze-plan-{logger.run_id}.json"
+    assert path.read_text() == opt.plan.to_json()
+    assert messages[1:] == _said(capsys)
+    assert (
+        f"the freeze plan was saved to {path} ({tmp_path}/afile/plan.json could not be written: "
+        in (messages[1])
+    )
+    (run,) = client.search_runs([experiment])
+    assert run.info.run_id == logger.run_id and run.info.status == "FAILED"
+    assert _history(client, run.info.run_id, METRIC_FROZEN)[-1] == (6, 3.0)  # metrics went in
+
+
+def test_the_working_directory_read_only_sends_the_plan_to_the_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    url = f"http://127.0.0.1:{_free_port()}"
+    for name, value in FAST_FAIL.items():
+        monkeypatch.setenv(name, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    work.rmdir()  # a working directory that is gone: nothing can be created in it, even by root
+    model, opt = _hand()
+    with pytest.warns(RuntimeWarning):
+        logger = MLflowFreezeLogger(opt, tracking_uri=url)
+        _train_hand(model, opt, 6, logger)
+        logger.finish()
+    path = logger.fallback_path
+    assert path is not None and path.parent == temp and path.read_text() == opt.plan.to_json()
+    err = capsys.readouterr().err
+    assert f"the freeze plan was saved to {path} (the working directory could not be written: " in err
+
+
+@pytest.mark.parametrize("layout", ["under_a_file", "a_directory"])
+def test_a_sqlite_store_that_cannot_be_opened_fails_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+) -> None:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.db").mkdir()
+    db = tmp_path / "afile" / "sub" / "mlflow.db" if layout == "under_a_file" else tmp_path / "adir.db"
+    uri = f"sqlite:///{db}"
+    model, opt = _hand()
+    start = time.monotonic()
+    with pytest.warns(
+        RuntimeWarning, match=rf"MLflow logging to {uri} failed while opening the tracking store"
+    ):
+        logger = MLflowFreezeLogger(opt, tracking_uri=uri)
+    assert time.monotonic() - start < 5  # MLflow alone retries a sqlite file for ~100 s
+    assert logger.run_id is None and logger.error is not None
+    _train_hand(model, opt, 6, logger)
+    with pytest.warns(RuntimeWarning, match=r"the freeze plan was saved to"):
+        logger.finish()
+    assert logger.fallback_path is not None and logger.fallback_path.parent == tmp_path
+    assert FreezePlan.load(logger.fallback_path) == opt.plan
+    assert "stays RUNNING" not in capsys.readouterr().err  # no run was ever started
+    with pytest.raises(TrackingError, match=r"failed while opening the tracking store"):
+        MLflowFreezeLogger(opt, tracking_uri=uri, strict=True)
+    assert time.monotonic() - start < 10
+
+
+def _log_main(argv: list[str]) -> int:
+    """One of several processes opening a new store at once: wait for the go, then log a run."""
+    ready, go = Path(argv[0]), Path(argv[1])
+    torch.set_num_threads(1)
+    model, opt = _hand()
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    with MLflowFreezeLogger(opt, strict=True) as logger:
+        _train_hand(model, opt, 6, logger)
+    print(logger.run_id)
+    return 0
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_store_at_once_all_log_their_runs(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "log", str(tmp_path / f"ready{i}"), str(go)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.touch()  # all three open the store that does not exist yet, at the same moment
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    run_ids = {out.split()[-1] for out, _ in outputs}
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(["0"])
+    assert {r.info.run_id for r in runs} == run_ids and len(run_ids) == 3
+    assert all(r.info.status == "FINISHED" and r.data.tags[TAG_PLAN] == "true" for r in runs)
+    assert not list(tmp_path.glob("safefreeze-plan-*.json"))  # no process fell back
 
 
 # ---- processes and names ----------------------------------------------------------------
@@ -610,7 +806,7 @@ def test_only_rank_zero_logs(store: str, tmp_path: Path, monkeypatch: pytest.Mon
     with MLflowFreezeLogger(opt) as logger:
         _train_hand(model, opt, 6, logger)
     assert not logger.enabled and logger.run_id is None and logger.fallback_path is None
-    assert opt.controller.callbacks == []
+    assert opt.controller.callbacks == ()
     assert mlflow.active_run() is None
     assert len(client.search_runs(["0"])) == before
     # An initialized process group decides over the environment.
@@ -649,4 +845,6 @@ def test_missing_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
 if __name__ == "__main__":
     if sys.argv[1:2] == ["replay"]:
         sys.exit(_replay_main(sys.argv[2:]))
-    sys.exit(f"usage: {sys.argv[0]} replay RUN_ID OUT")
+    if sys.argv[1:2] == ["log"]:
+        sys.exit(_log_main(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} replay RUN_ID OUT | log READY_FILE GO_FILE")
