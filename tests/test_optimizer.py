@@ -32,7 +32,7 @@ from safefreeze import (
     SAFEConfig,
     SAFEOptimizer,
 )
-from safefreeze.cka._torch import STAT_BATCHES
+from safefreeze.cka._torch import STAT_BATCHES, STAT_NAMES
 from safefreeze.plan import SCHEMA_VERSION
 
 BATCH, SEQ, VOCAB, LABELS = 4, 8, 100, 3
@@ -596,7 +596,7 @@ def test_step_passes_the_closure_and_its_loss() -> None:
         opt.zero_grad()
         loss = model(**batch).loss
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         return losses[-1]
 
     before = weights(model)
@@ -817,16 +817,7 @@ def _bad_accumulator(checkpoint: dict[str, Any]) -> None:
     checkpoint["safe"]["plan"]["scores"] = {"scored_at": None, "raw": {}, "normalized": {}}
     checkpoint["safe"]["step"] = 1
     checkpoint["safe"]["accumulator"] = {
-        "columns": [
-            "sum_kl",
-            "sum_kk",
-            "sum_ll",
-            "batches",
-            "rows_used",
-            "rows_padding",
-            "rows_nonfinite",
-            "rows_short",
-        ],
+        "columns": list(STAT_NAMES),
         "stats": [[0.0] * 8] * 3,
         "generator_device": "cpu",
         "generator_state": torch.Generator().get_state().tolist(),
