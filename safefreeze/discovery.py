@@ -69,7 +69,10 @@ class AdapterPattern:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterPair:
-    """One freeze unit: an adapted site and where its base representation comes from."""
+    """One adapter: an adapted site and where its base representation comes from.
+
+    Adapters are frozen in units (one adapter each, unless ``SAFEConfig.group_by`` groups them).
+    """
 
     # Unique name: the site's module name, plus ":<adapter>" when a site holds several.
     name: str
