@@ -10,6 +10,11 @@ from typing import Any
 
 from safefreeze.selection import NORMALIZATIONS as _NORMALIZATIONS
 from safefreeze.selection import ORDERS as _ORDERS
+from safefreeze.selection import UNITS as _UNITS
+
+# Shares of a run's optimizer steps at which SAFEConfig.for_run ends the warm-up and the ramp.
+WARMUP_SHARE = 0.1
+FREEZE_END_SHARE = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,22 +34,32 @@ class SAFEConfig:
     warmup_steps: int = 100
     # t_f: step at which the cubic threshold reaches tau_target (t_f >= t_w).
     freeze_end_step: int = 400
-    # tau_T: final threshold on normalized scores; adapters scoring below it get frozen.
-    tau_target: float = 0.6
-    # How raw importance scores are normalized before thresholding: "max", "sum" or "none".
-    normalization: str = "max"
+    # tau_T: final threshold on normalized scores; units scoring below it may freeze. With
+    # "rank" normalization it is the share of units that may freeze: tau_T * units, rounded.
+    tau_target: float = 0.8
+    # How raw importance scores are normalized before thresholding: "rank" (share of units
+    # scoring lower), "max" (share of the top score, the paper), "sum" or "none".
+    normalization: str = "rank"
     # Score on every k-th optimizer step of the warm-up (1 = every step).
     score_every: int = 1
     # Tokens (rows) subsampled per adapter per scored step; None keeps every token.
     max_tokens: int | None = 64
     # Regex over adapter names; adapters with equal capture groups freeze as one unit.
+    # Overrides `units`.
     group_by: str | None = None
     # Seed of the scoring generator; scoring never touches the global RNG.
     seed: int = 0
-    # Which units a step freezes once n of them score below the threshold: "score" freezes
-    # those n (the paper); "depth" freezes the n lowest in the model, so the frozen set stays
-    # a lower prefix and saves activations and backward work, not only optimizer state.
-    order: str = "score"
+    # Which units below the threshold freeze: "prefix" extends a frozen lower prefix and
+    # stops at the first unit at or above the threshold, so activations and backward work
+    # below the lowest trainable unit disappear; "score" freezes every unit below it (the
+    # paper); "depth" freezes as many units as score below it, lowest in the model first.
+    order: str = "prefix"
+    # Freeze units: "block" (one per transformer block, from the adapters' names) or
+    # "adapter" (one per adapter, the paper).
+    units: str = "block"
+    # Merge a frozen PEFT LoRA adapter into its float32/float64 base weight (PEFT's own
+    # merge), removing its forward cost and the dropout mask it saves for backward.
+    merge: bool = True
 
     def __post_init__(self) -> None:
         for field in ("warmup_steps", "freeze_end_step", "score_every", "seed"):
@@ -74,6 +89,10 @@ class SAFEConfig:
                 f"SAFEConfig.normalization must be one of {_NORMALIZATIONS}, "
                 f"got normalization={self.normalization!r}"
             )
+        if self.units not in _UNITS:
+            raise ValueError(f"SAFEConfig.units must be one of {_UNITS}, got units={self.units!r}")
+        if not isinstance(self.merge, bool):
+            raise TypeError(f"SAFEConfig.merge must be a bool, got merge={self.merge!r}")
         if self.order not in _ORDERS:
             raise ValueError(f"SAFEConfig.order must be one of {_ORDERS}, got order={self.order!r}")
         tau = self.tau_target
@@ -109,6 +128,52 @@ class SAFEConfig:
                     "SAFEConfig.group_by needs at least one capture group naming the unit, "
                     rf"e.g. r'.*layer\.(\d+)\..*', got {self.group_by!r}"
                 )
+
+    @classmethod
+    def paper(cls, **changes: Any) -> SAFEConfig:
+        """The paper's rule: per-adapter units scored against the top score, frozen by score.
+
+        Every adapter below ``tau_target`` times the highest score freezes, wherever it is in
+        the model, and nothing is merged (arXiv 2412.03587). Other fields keep their defaults
+        unless given in ``changes``.
+
+        Example:
+            >>> cfg = SAFEConfig.paper(warmup_steps=10, freeze_end_step=40)
+            >>> cfg.order, cfg.normalization, cfg.units, cfg.merge, cfg.tau_target
+            ('score', 'max', 'adapter', False, 0.6)
+        """
+        fields = {
+            "order": "score",
+            "normalization": "max",
+            "units": "adapter",
+            "merge": False,
+            "tau_target": 0.6,
+        }
+        return cls(**{**fields, **changes})
+
+    @classmethod
+    def for_run(cls, total_steps: int, **changes: Any) -> SAFEConfig:
+        """A config scaled to a run of ``total_steps`` optimizer steps.
+
+        The warm-up takes the first 10% of the steps and the threshold reaches
+        ``tau_target`` at 30%, so the frozen units stay frozen for the remaining 70%.
+
+        Raises:
+            ValueError: If ``total_steps`` is not a positive integer.
+
+        Example:
+            >>> cfg = SAFEConfig.for_run(1000)
+            >>> cfg.warmup_steps, cfg.freeze_end_step
+            (100, 300)
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"for_run requires an integer total_steps >= 1, got {total_steps!r}")
+        warmup = max(1, round(WARMUP_SHARE * total_steps))
+        fields = {
+            "warmup_steps": warmup,
+            "freeze_end_step": max(warmup, round(FREEZE_END_SHARE * total_steps)),
+        }
+        return cls(**{**fields, **changes})
 
     @classmethod
     def from_epochs(

@@ -5,8 +5,8 @@ framework callback) calls :meth:`FreezeController.on_step_end` once per optimize
 The plan is the engine's record of the run; the engine decides from its own state.
 
 Words, one per concept: an *adapter* is one adapted module (:class:`AdapterPair`); a
-*unit* is the set of adapters frozen together (one adapter each unless ``group_by``
-groups them); a unit or adapter is *frozen* once a freeze event named it.
+*unit* is the set of adapters frozen together (a transformer block by default); a unit
+or adapter is *frozen* once a freeze event named it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import re
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from safefreeze import merge as _merge
 from safefreeze.cka._torch import NUM_STATS, STAT_NAMES, CKAAccumulator
 from safefreeze.config import SAFEConfig
 from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
@@ -38,7 +38,7 @@ from safefreeze.plan import (
     check_frozen_matches_events,
 )
 from safefreeze.schedule import cubic_threshold
-from safefreeze.selection import lowest_first, normalize_scores, select_to_freeze
+from safefreeze.selection import group_units, lower_prefix, lowest_first, normalize_scores, select_to_freeze
 
 # Called with the parameters to freeze; returns the optimizer-state bytes it freed.
 Freezer = Callable[[list[nn.Parameter]], int]
@@ -49,9 +49,10 @@ FreezeCallback = Callable[[FreezeEvent], None]
 # would each step parameters the other froze; weak on both sides, so a collected
 # engine or model leaves nothing behind.
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[FreezeController]] = weakref.WeakKeyDictionary()
-# Keys of the engine's own checkpoint state: version 1, and version 2 on.
+# Keys of the engine's own checkpoint state by version: 1, 2, and 3 on (merged sites).
 _STATE_KEYS_V1 = {"step", "frozen", "accumulator", "scoring", "plan"}
-_STATE_KEYS = {"version", "step", "accumulator", "plan"}
+_STATE_KEYS_V2 = {"version", "step", "accumulator", "plan"}
+_STATE_KEYS = {*_STATE_KEYS_V2, "merged"}
 
 
 class FreezeController:
@@ -113,7 +114,13 @@ class FreezeController:
             self._replay = _events_by_step(plan, self.units)
         self.config = config or SAFEConfig()
         if plan is None:
-            self.units = _units(pairs, self.config.group_by)
+            self.units = group_units([p.name for p in pairs], self.config.units, self.config.group_by)
+        # Site name -> its adapters; a site is merged once all of them are frozen.
+        self._sites: dict[str, list[AdapterPair]] = {}
+        for pair in pairs:
+            self._sites.setdefault(pair.site, []).append(pair)
+        # Merged site -> digests of its base weights (before, after the merge).
+        self._merged: dict[str, tuple[str, str]] = {}
         self.plan = FreezePlan(config=self.config, adapters=records, units=self.units)
         # Final (raw, normalized) scores per unit: None until finalize_scores().
         self._final: tuple[dict[str, float], dict[str, float]] | None = None
@@ -181,6 +188,11 @@ class FreezeController:
         """Names of the frozen adapters, in model order."""
         done = self.plan.adapter_freeze_steps
         return [p.name for p in self.pairs if p.name in done]
+
+    @property
+    def merged_sites(self) -> list[str]:
+        """Sites whose frozen adapters were merged into their base weights, in merge order."""
+        return list(self._merged)
 
     @property
     def callbacks(self) -> tuple[FreezeCallback, ...]:
@@ -289,6 +301,8 @@ class FreezeController:
             return []
         scores = self._final[1]
         frozen = self.plan.unit_freeze_steps
+        if self.config.order == "prefix":
+            return lower_prefix(list(self.units), scores, threshold, frozen)
         if self.config.order == "depth":
             # As many units as score below the threshold, taken from the bottom of the model.
             below = len(select_to_freeze(scores, threshold))
@@ -345,10 +359,34 @@ class FreezeController:
             state_bytes_freed=state_bytes,
         )
         self.plan.events.append(event)
+        self._merge_frozen_sites(adapters)
         self._watch_prefix()
         for callback in list(self._callbacks):
             callback(event)
         return event
+
+    def _merge_frozen_sites(self, adapters: Sequence[str]) -> None:
+        """Merge the sites of ``adapters`` whose adapters are now all frozen (``config.merge``)."""
+        if not self.config.merge:
+            return
+        frozen = self.plan.adapter_freeze_steps
+        for site in dict.fromkeys(p.site for p in self.pairs if p.name in set(adapters)):
+            names = self._mergeable(site, frozen)
+            if names is not None:
+                self._merged[site] = _merge.merge(self.model.get_submodule(site), names)
+
+    def _mergeable(self, site: str, frozen: Mapping[str, int]) -> list[str] | None:
+        """The adapter names to merge at ``site``, or None if it cannot or must not be merged."""
+        pairs = self._sites[site]
+        names = [p.adapter for p in pairs]
+        if site in self._merged or any(p.name not in frozen for p in pairs) or None in names:
+            return None
+        module = self.model.get_submodule(site)
+        # PEFT runs only the base layer once anything is merged: every active adapter must be ours.
+        active = getattr(module, "active_adapters", names)
+        if not _merge.mergeable(module) or not set(active) <= set(names):
+            return None
+        return [n for n in names if n is not None]
 
     def _freeze_params(self, params: list[nn.Parameter]) -> int:
         freezer = self._freezer()
@@ -394,6 +432,7 @@ class FreezeController:
             if self.plan.scored_at is not None or self._accumulator is None
             else self._accumulator.state_dict(),
             "plan": self.plan.to_dict(),
+            "merged": {site: list(digests) for site, digests in self._merged.items()},
         }
 
     def load_state_dict(self, state: Any) -> None:
@@ -474,6 +513,7 @@ class FreezeController:
                 "frozen parameters cannot train again: load checkpoints into a freshly built optimizer"
             )
         params = [p for u in then if u not in now for a in self.units[u] for p in self._params[a]]
+        merges = self._prepare_merges(state["merged"], saved, source)
 
         def commit() -> None:
             self.step = step
@@ -487,10 +527,55 @@ class FreezeController:
                 if self._hooks.recorder is not None:
                     self._hooks.recorder.enabled = step % self.config.score_every == 0
             apply_accumulator()
+            for site, (names, digests, done) in merges.items():
+                module = self.model.get_submodule(site)
+                if done:
+                    _merge.mark_merged(module, names)
+                    self._merged[site] = digests
+                else:
+                    self._merged[site] = _merge.merge(module, names)
             if self.plan.events:
                 self._watch_prefix()
 
         return PendingLoad(params, commit)
+
+    def _prepare_merges(
+        self, merged: Any, saved: FreezePlan, source: str
+    ) -> dict[str, tuple[list[str], tuple[str, str], bool]]:
+        """Check a checkpoint's merged sites: site -> (adapters, digests, weights already merged)."""
+        if not isinstance(merged, dict):
+            raise PlanError(
+                f"{source}: merged: expected an object of site -> digests, got {type(merged).__name__}"
+            )
+        if merged and not self.config.merge:
+            raise PlanError(f"{source}: merged: records merged sites, but its config has merge=False")
+        frozen = saved.adapter_freeze_steps
+        out = {}
+        for site, digests in merged.items():
+            if not (
+                isinstance(digests, list)
+                and len(digests) == 2
+                and all(isinstance(d, str) and len(d) == 64 for d in digests)
+            ):
+                raise PlanError(
+                    f"{source}: merged[{site!r}]: expected two SHA-256 hex digests, got {digests!r}"
+                )
+            if site not in self._sites:
+                raise PlanMismatchError(f"{source}: merged names {site!r}, which is not an adapter site here")
+            if site in self._merged:
+                continue
+            names = self._mergeable(site, frozen)
+            if names is None:
+                raise PlanMismatchError(
+                    f"{source}: merged names site {site!r}, whose adapters are not all frozen in it or "
+                    "which cannot be merged here (not a float32/float64 PEFT LoRA layer)"
+                )
+            try:
+                done = _merge.check_merged(self.model.get_submodule(site), (digests[0], digests[1]))
+            except ValueError as err:
+                raise PlanError(f"{source}: cannot restore the merged adapter at {site!r}: {err}") from None
+            out[site] = (names, (digests[0], digests[1]), done)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -563,15 +648,6 @@ def _reseed(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step + 1) % 2**63
 
 
-def _units(pairs: Sequence[AdapterPair], group_by: str | None) -> dict[str, list[str]]:
-    units: dict[str, list[str]] = {}
-    for pair in pairs:
-        match = re.fullmatch(group_by, pair.name) if group_by else None
-        key = ".".join(g or "" for g in match.groups()) if match else pair.name
-        units.setdefault(key, []).append(pair.name)
-    return units
-
-
 def _recorded_units(plan: FreezePlan, pairs: Sequence[AdapterPair]) -> dict[str, list[str]]:
     """The plan's units, checked against the model's adapters; no pattern is evaluated."""
     names = [p.name for p in pairs]
@@ -632,7 +708,7 @@ def _migrate_state(state: Any, source: str) -> dict[str, Any]:
             f"{source} has SAFE state version {version!r}; this safefreeze reads versions 1 to "
             f"{SCHEMA_VERSION}: upgrade safefreeze to load it"
         )
-    expected = _STATE_KEYS_V1 if version == 1 else _STATE_KEYS
+    expected = {1: _STATE_KEYS_V1, 2: _STATE_KEYS_V2}.get(version, _STATE_KEYS)
     missing, stray = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or stray:
         raise PlanError(
@@ -662,10 +738,8 @@ def _migrate_state(state: Any, source: str) -> dict[str, Any]:
                 "columns": list(STAT_NAMES),
                 "stats": [[0.0] * NUM_STATS for _ in accumulator["stats"]],
             }
-        state = {
-            "version": SCHEMA_VERSION,
-            "step": state["step"],
-            "accumulator": accumulator,
-            "plan": plan.to_dict(),
-        }
+        state = {"version": 2, "step": state["step"], "accumulator": accumulator, "plan": state["plan"]}
+    if state["version"] == 2:
+        # Version 2 never merged an adapter.
+        state = {**state, "version": SCHEMA_VERSION, "merged": {}}
     return dict(state)

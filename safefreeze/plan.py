@@ -22,11 +22,12 @@ from typing import Any, TypeGuard
 
 from safefreeze.config import SAFEConfig
 from safefreeze.schedule import cubic_threshold
+from safefreeze.selection import group_units
 
 SCHEMA = "safefreeze.plan"
 # Bump on every change of the plan or checkpoint layout, with a migration in _MIGRATIONS and
 # a fixture tests/data/plans/v<N>.json (see docs/plans.md).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Integers in a plan (steps, shape dims, byte counts) are below 2**63, as in a C int64.
 _INT_LIMIT = 2**63
@@ -117,7 +118,7 @@ class FreezePlan:
 
     Example:
         >>> plan = FreezePlan(config=SAFEConfig(), adapters=[AdapterRecord("a", (("a.w", (2, 3)),))])
-        >>> plan.units  # identity units: config.group_by is None
+        >>> plan.units  # units by config.units: "a" names no block, so it is its own
         {'a': ['a']}
         >>> FreezePlan.from_json(plan.to_json()) == plan
         True
@@ -126,7 +127,7 @@ class FreezePlan:
     config: SAFEConfig
     adapters: list[AdapterRecord]
     events: list[FreezeEvent] = dataclasses.field(default_factory=list)
-    # Freeze unit name -> adapter names; left empty, identity units when config.group_by is None.
+    # Freeze unit name -> adapter names; left empty, grouped as config.units and config.group_by say.
     units: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     # Finalized scores per unit, set at the end of the warm-up.
     raw_scores: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -138,8 +139,8 @@ class FreezePlan:
     migrated_from: int | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.units and self.config.group_by is None:
-            self.units = {a.name: [a.name] for a in self.adapters}
+        if not self.units:
+            self.units = group_units([a.name for a in self.adapters], self.config.units, self.config.group_by)
 
     @property
     def fingerprint(self) -> str:
@@ -393,9 +394,18 @@ def _identity_units(doc: dict[str, Any]) -> dict[str, list[str]]:
     return {name: [name] for name in names}
 
 
+def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added ``config.units`` and ``config.merge``: one unit per adapter, no merging."""
+    new = dict(doc, version=3)
+    config = doc.get("config")
+    if isinstance(config, dict):
+        new["config"] = {"units": "adapter", "merge": False, **config}
+    return new
+
+
 # Migrations in order: _MIGRATIONS[n - 1] turns a version-n document into version n + 1.
 # Each returns a new dict and leaves its input untouched.
-_MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_v1_to_v2,)
+_MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_v1_to_v2, _v2_to_v3)
 
 
 def migrate(data: Any, *, source: str) -> dict[str, Any]:
@@ -419,8 +429,8 @@ def migrate(data: Any, *, source: str) -> dict[str, Any]:
     Example:
         >>> old = {"schema": "safefreeze.plan", "version": 1, "config": {"group_by": None}}
         >>> new = migrate(old, source="plan")
-        >>> new["version"], new["config"]["order"], "order" in old["config"]
-        (2, 'score', False)
+        >>> new["version"], new["config"]["order"], new["config"]["units"], "order" in old["config"]
+        (3, 'score', 'adapter', False)
     """
     if not isinstance(data, dict):
         raise PlanError(

@@ -83,6 +83,7 @@ def one_thread() -> Iterator[None]:
 
 def _assert_same_weights(expected: dict[str, Any], got: dict[str, Any]) -> None:
     assert got["frozen"] == expected["frozen"]
+    assert got["merged"] == expected["merged"]  # the same frozen adapters merged into their bases
     assert list(got["params"]) == list(expected["params"])
     differ = [n for n, p in expected["params"].items() if not torch.equal(p, got["params"][n])]
     assert differ == [], f"{len(differ)} parameter(s) differ, e.g. {differ[:3]}"
@@ -97,6 +98,8 @@ def test_recorded_run_froze_at_several_steps(runs: Runs) -> None:
     names = [a.name for a in runs.plan.adapters]
     assert runs.weights["frozen"] == [a for a in names if a in runs.plan.adapter_freeze_steps]
     assert 0 < len(runs.weights["frozen"]) < len(names)
+    # Every frozen adapter was merged into its base weight (PEFT LoRA, float32).
+    assert runs.weights["merged"] == [n.partition(":")[0] for n in runs.weights["frozen"]]
 
 
 # ---- replay -----------------------------------------------------------------------------------
@@ -212,7 +215,11 @@ def _run_with_restarts(plan: FreezePlan | None, stops: list[int]) -> tuple[dict[
         start = stop
     train_script.train(model, optimizer, start, train_script.STEPS)
     params = {name: p.detach() for name, p in model.named_parameters()}
-    return {"params": params, "frozen": optimizer.frozen_adapters}, optimizer.plan
+    return {
+        "params": params,
+        "frozen": optimizer.frozen_adapters,
+        "merged": optimizer.controller.merged_sites,
+    }, optimizer.plan
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -28,7 +28,11 @@ STEPS = 16
 LAYERS = 4
 BATCH, TOKENS, VOCAB, LABELS = 4, 12, 100, 3
 # max_tokens below the 48 tokens of a batch, so scoring draws subsamples from its generator.
-CONFIG = SAFEConfig(warmup_steps=4, freeze_end_step=10, tau_target=0.6, max_tokens=16)
+# Depth order over single adapters freezes a lower prefix at several steps, merging each
+# adapter as it freezes, so the checkpoints fall between freezes.
+CONFIG = SAFEConfig(
+    warmup_steps=4, freeze_end_step=10, tau_target=0.7, max_tokens=16, order="depth", units="adapter"
+)
 
 
 def batch(step: int) -> dict[str, torch.Tensor]:
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.plan.save(path)
     if args.out is not None:
         params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "frozen": optimizer.frozen_adapters}, args.out)
+        merged = optimizer.controller.merged_sites
+        torch.save({"params": params, "frozen": optimizer.frozen_adapters, "merged": merged}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""Merging frozen LoRA adapters into their base weights through PEFT's own ``merge``.
+
+A frozen adapter still costs its branch's forward FLOPs and, in training, the dropout mask
+saved for its backward. Merging it (``W <- W + scale * B A``) removes both and leaves
+``save_pretrained`` and ``merge_and_unload`` correct: PEFT records the adapter as merged.
+
+Only sites that expose PEFT's layer API (``merge``, ``merged_adapters``, ``get_base_layer``)
+and whose base weights are float32 or float64 are merged: rounding the small update into a
+float16, bfloat16 or quantized weight would change the model, so those adapters stay
+unmerged (still frozen).
+
+A merge changes the base weights, so a checkpoint records a digest of them before and after
+each merge; on resume, :func:`check_merged` tells whether the model's weights are the merged
+ones (mark the adapter merged), the original ones (merge again), or neither (an error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# Float types whose rounding cannot swallow a LoRA update.
+_EXACT = (torch.float32, torch.float64)
+
+
+def mergeable(site: nn.Module) -> bool:
+    """Whether ``site`` is a PEFT adapter layer whose base weights take a merge exactly."""
+    if not (
+        callable(getattr(site, "merge", None))
+        and isinstance(getattr(site, "merged_adapters", None), list)
+        and callable(getattr(site, "get_base_layer", None))
+    ):
+        return False
+    params = list(site.get_base_layer().parameters())
+    return bool(params) and all(p.dtype in _EXACT for p in params)
+
+
+def base_digest(site: nn.Module) -> str:
+    """SHA-256 over the base layer's parameter names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name, param in site.get_base_layer().named_parameters():
+        value = param.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def merge(site: nn.Module, adapters: Sequence[str]) -> tuple[str, str]:
+    """Merge ``adapters`` of ``site`` into its base weights; return the digests before and after."""
+    before = base_digest(site)
+    with torch.no_grad():
+        site.merge(adapter_names=list(adapters))
+    return before, base_digest(site)
+
+
+def mark_merged(site: nn.Module, adapters: Sequence[str]) -> None:
+    """Record ``adapters`` as merged without touching the weights (they already hold the merge)."""
+    merged: list[str] = site.merged_adapters
+    merged.extend(a for a in adapters if a not in merged)
+
+
+def check_merged(site: nn.Module, digests: tuple[str, str]) -> bool:
+    """Whether the site's base weights already hold the merge (True) or are the originals (False).
+
+    Raises:
+        ValueError: If they are neither.
+    """
+    now = base_digest(site)
+    if now == digests[1]:
+        return True
+    if now == digests[0]:
+        return False
+    raise ValueError(
+        "its base weights are neither the ones the adapter was merged into nor the merged ones; "
+        "load the model's weights from the same checkpoint (or the same pretrained model) first"
+    )

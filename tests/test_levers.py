@@ -1,0 +1,417 @@
+"""The levers that make freezing pay: block units, rank normalization, the prefix rule, merging."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import peft_bert
+from torch import nn
+
+from safefreeze import FreezePlan, PlanError, SAFEConfig, SAFEOptimizer
+from safefreeze import merge as merge_module
+from safefreeze.measure import measure_step
+from safefreeze.plan import SCHEMA_VERSION, migrate
+from safefreeze.selection import block_of, group_units, lower_prefix, normalize_scores, select_to_freeze
+
+PLANS = Path(__file__).parent / "data" / "plans"
+LAYER = "base_model.model.bert.encoder.layer"
+
+
+def _batch(seed: int = 0, batch: int = 4, tokens: int = 10) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 100, (batch, tokens), generator=gen),
+        "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        "labels": torch.randint(0, 3, (batch,), generator=gen),
+    }
+
+
+def _optimizer(model: nn.Module, config: SAFEConfig | None = None, **kwargs: Any) -> SAFEOptimizer:
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return SAFEOptimizer(inner, model, config, **kwargs)
+
+
+def _step(model: nn.Module, optimizer: SAFEOptimizer, seed: int) -> None:
+    model(**_batch(seed)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+# ---- units from names -----------------------------------------------------------------------
+
+
+def _lora_names(model: nn.Module) -> list[str]:
+    from safefreeze import find_adapter_pairs
+
+    return [p.name for p in find_adapter_pairs(model)]
+
+
+def test_block_units_come_from_bert_gpt2_and_llama_names() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = get_peft_model(
+        GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=50, n_positions=16)),
+        LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    )
+    llama = get_peft_model(
+        LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=50,
+            )
+        ),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    bert = peft_bert(layers=3)
+    for model, blocks in (
+        (bert, [f"{LAYER}.{i}" for i in range(3)]),
+        (gpt2, [f"base_model.model.transformer.h.{i}" for i in range(3)]),
+        (llama, [f"base_model.model.model.layers.{i}" for i in range(3)]),
+    ):
+        names = _lora_names(model)
+        units = group_units(names, "block")
+        assert list(units) == blocks
+        assert [a for members in units.values() for a in members] == names  # model order, all once
+        assert all(len(members) >= 2 for members in units.values())
+        assert group_units(names, "adapter") == {n: [n] for n in names}
+
+
+def test_block_of_keeps_unindexed_names_and_group_by_overrides_units() -> None:
+    assert block_of("classifier.lora") == "classifier.lora"
+    assert block_of("encoder.block.2.layer.0.SelfAttention.q:extra") == "encoder.block.2"
+    names = ["x.layer.0.q", "x.layer.0.v", "x.layer.1.q", "head"]
+    assert group_units(names, "block", r".*\.(q|v)") == {
+        "q": ["x.layer.0.q", "x.layer.1.q"],
+        "v": ["x.layer.0.v"],
+        "head": ["head"],
+    }
+    with pytest.raises(ValueError, match=r"units must be one of \('block', 'adapter'\), got 'layer'"):
+        group_units(names, "layer")
+
+
+def test_the_engine_freezes_blocks_by_default() -> None:
+    model = peft_bert(layers=3)
+    optimizer = _optimizer(model, SAFEConfig(warmup_steps=2, freeze_end_step=2))
+    assert list(optimizer.controller.units) == [f"{LAYER}.{i}" for i in range(3)]
+    assert optimizer.plan.units == optimizer.controller.units
+
+
+# ---- rank normalization: tau_target is the share of units that may freeze -------------------
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.1, 0.25, 0.5, 0.6, 0.8, 1.0])
+@pytest.mark.parametrize("n", [1, 4, 6, 30])
+def test_rank_normalization_freezes_tau_n_units_rounded_whatever_the_scale(tau: float, n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    for scale in (1e-6, 1.0, 1e3):
+        raw = {f"u{i}": float(s) * scale for i, s in enumerate(torch.rand(n, generator=gen))}
+        frozen = select_to_freeze(normalize_scores(raw, "rank"), tau)
+        assert len(frozen) == math.ceil(tau * n - 0.5)  # tau * n to the nearest, half down
+        lowest = sorted(raw, key=raw.__getitem__)[: len(frozen)]
+        assert sorted(frozen) == sorted(lowest)
+
+
+def test_max_normalization_does_not_control_the_count_as_rank_does() -> None:
+    # One dominant score: under max nearly every unit is below any threshold.
+    raw = {"a": 1.0, "b": 0.01, "c": 0.02, "d": 0.015}
+    assert len(select_to_freeze(normalize_scores(raw, "max"), 0.3)) == 3
+    assert len(select_to_freeze(normalize_scores(raw, "rank"), 0.3)) == 2
+
+
+# ---- the prefix rule ------------------------------------------------------------------------
+
+
+def test_lower_prefix_stops_at_the_first_unit_at_or_above_the_threshold() -> None:
+    order = ["l0", "l1", "l2", "l3"]
+    scores = {"l0": 0.25, "l1": 0.0, "l2": 0.75, "l3": 0.5}
+    assert lower_prefix(order, scores, 0.2) == []
+    assert lower_prefix(order, scores, 0.3) == ["l0", "l1"]
+    assert lower_prefix(order, scores, 1.0) == order
+    assert lower_prefix(order, scores, 1.0, frozen=["l0", "l1"]) == ["l2", "l3"]
+    assert lower_prefix(order, {**scores, "l1": math.nan}, 1.0) == ["l0"]
+
+
+def _record(
+    config: SAFEConfig, raw: dict[str, float], steps: int, layers: int = 4, dropout: float = 0.0
+) -> SAFEOptimizer:
+    torch.manual_seed(0)
+    model = peft_bert(layers=layers, lora_dropout=dropout)
+    model.train()
+    optimizer = _optimizer(model, config)
+    for step in range(steps):
+        if step == config.warmup_steps - 1:
+            optimizer.controller.finalize_scores(raw)
+        _step(model, optimizer, step)
+    return optimizer
+
+
+def test_the_prefix_rule_keeps_the_frozen_set_a_lower_prefix_and_stops_at_an_important_block() -> None:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=8, tau_target=0.7)
+    # Block 2 scores highest (rank shares 0.375, 0.125, 0.875, 0.625): the prefix grows
+    # through blocks 0 and 1 and stops there for good.
+    raw = {f"{LAYER}.0": 0.2, f"{LAYER}.1": 0.1, f"{LAYER}.2": 0.9, f"{LAYER}.3": 0.3}
+    optimizer = _record(config, raw, 12)
+    units = list(optimizer.controller.units)
+    history = []
+    for event in optimizer.plan.events:
+        history += event.units
+        assert history == units[: len(history)]  # a lower prefix after every event
+    assert optimizer.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1"]
+    # The score rule (same scores) freezes block 3 too, above a trainable block.
+    paper = _record(
+        SAFEConfig(warmup_steps=2, freeze_end_step=8, tau_target=0.7, order="score", merge=False), raw, 12
+    )
+    assert paper.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1", f"{LAYER}.3"]
+
+
+def test_a_frozen_prefix_saves_activations_and_backward_work() -> None:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.7)
+    raw = {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}
+    optimizer = _record(config, raw, 3)
+    assert optimizer.controller.frozen_units == [f"{LAYER}.{i}" for i in range(3)]  # 0.7 * 4 = 2.8
+    model = optimizer.controller.model
+    _, frozen = measure_step(model, lambda: model(**_batch(9)).loss)
+    lora = peft_bert(layers=4)
+    lora.train()
+    _, plain = measure_step(lora, lambda: lora(**_batch(9)).loss)
+    assert frozen.backward_flops < 0.5 * plain.backward_flops
+    assert frozen.saved_bytes < 0.5 * plain.saved_bytes
+
+
+def test_the_paper_config_is_the_papers_rule() -> None:
+    paper = SAFEConfig.paper(warmup_steps=3, freeze_end_step=9)
+    assert (paper.order, paper.normalization, paper.units, paper.merge) == ("score", "max", "adapter", False)
+    assert paper.tau_target == 0.6 and paper.warmup_steps == 3
+    assert SAFEConfig.paper(tau_target=0.4).tau_target == 0.4
+    default = SAFEConfig()
+    assert (default.order, default.normalization, default.units, default.merge) == (
+        "prefix",
+        "rank",
+        "block",
+        True,
+    )
+
+
+def test_for_run_scales_the_schedule_to_the_run() -> None:
+    assert (SAFEConfig.for_run(337).warmup_steps, SAFEConfig.for_run(337).freeze_end_step) == (34, 101)
+    assert (SAFEConfig.for_run(1).warmup_steps, SAFEConfig.for_run(1).freeze_end_step) == (1, 1)
+    assert SAFEConfig.for_run(100, tau_target=0.5).tau_target == 0.5
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="for_run requires an integer total_steps >= 1"):
+            SAFEConfig.for_run(bad)  # type: ignore[arg-type]
+
+
+def test_new_fields_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"units must be one of \('block', 'adapter'\), got units='layer'"):
+        SAFEConfig(units="layer")
+    with pytest.raises(TypeError, match="merge must be a bool, got merge=1"):
+        SAFEConfig(merge=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"order must be one of \('prefix', 'score', 'depth'\)"):
+        SAFEConfig(order="top")
+
+
+# ---- merging ---------------------------------------------------------------------------------
+
+
+def _site(model: nn.Module, layer: int, proj: str = "query") -> nn.Module:
+    return model.get_submodule(f"{LAYER}.{layer}.attention.self.{proj}")
+
+
+def test_a_frozen_block_is_merged_and_the_model_computes_the_same_function() -> None:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5)
+    raw = {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}
+    optimizer = _record(config, raw, 2)  # warm-up only: nothing frozen yet
+    model = optimizer.controller.model
+    with torch.no_grad():  # LoRA B starts at zero; make every update non-zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    before = model(**_batch(5)).logits
+    model.train()
+    _step(model, optimizer, 2)  # step 3 >= warm-up: blocks 0 and 1 freeze and merge
+    assert optimizer.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1"]
+    merged = [f"{LAYER}.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")]
+    assert optimizer.controller.merged_sites == merged
+    for layer in (0, 1):
+        assert _site(model, layer).merged_adapters == ["default"]
+    assert not _site(model, 2).merged
+    # The merged model equals an unmerged copy in eval mode (the frozen updates are in W now).
+    unmerged = copy.deepcopy(model)
+    for layer in (0, 1):
+        for proj in ("query", "value"):
+            _site(unmerged, layer, proj).unmerge()
+    model.eval()
+    unmerged.eval()
+    torch.testing.assert_close(model(**_batch(6)).logits, unmerged(**_batch(6)).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(before, model(**_batch(5)).logits)  # trained one step
+
+
+def test_merging_removes_the_frozen_branches_forward_cost_and_dropout_masks() -> None:
+    costs = {}
+    for merge in (True, False):
+        # Blocks 3 and 2 score lowest and freeze by score, above trainable blocks: their
+        # branches' dropout masks are saved for backward unless they are merged.
+        config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, order="score", merge=merge)
+        optimizer = _record(config, {f"{LAYER}.{i}": 0.4 - 0.1 * i for i in range(4)}, 3, dropout=0.1)
+        assert optimizer.controller.frozen_units == [f"{LAYER}.2", f"{LAYER}.3"]
+        model = optimizer.controller.model
+        _, costs[merge] = measure_step(model, lambda m=model: m(**_batch(7)).loss)
+    assert costs[True].forward_flops < costs[False].forward_flops
+    assert costs[True].saved_bytes < costs[False].saved_bytes
+    assert costs[True].backward_flops < costs[False].backward_flops
+
+
+def test_save_pretrained_and_merge_and_unload_stay_correct_after_merging(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5)
+    optimizer = _record(config, {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}, 5)
+    model = optimizer.controller.model
+    assert optimizer.controller.merged_sites
+    model.eval()
+    expected = model(**_batch(8)).logits
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    from models import tiny_bert_config
+
+    base = BertForSequenceClassification(tiny_bert_config(4))  # same seed: the same base weights
+    reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.testing.assert_close(reloaded(**_batch(8)).logits, expected, atol=1e-5, rtol=1e-5)
+    unloaded = copy.deepcopy(model).merge_and_unload().eval()
+    torch.testing.assert_close(unloaded(**_batch(8)).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_low_precision_and_quantized_bases_are_never_merged() -> None:
+    model = peft_bert(layers=2)
+    site = _site(model, 0)
+    assert merge_module.mergeable(site)
+    site.get_base_layer().to(torch.bfloat16)
+    assert not merge_module.mergeable(site)
+
+
+# ---- checkpoints with merged sites ------------------------------------------------------------
+
+
+def _resume_pair(stop: int, total: int) -> tuple[dict[str, Any], SAFEOptimizer]:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5)
+    raw = {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}
+    optimizer = _record(config, raw, stop)
+    model = optimizer.controller.model
+    ckpt = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    ckpt["rng"] = torch.get_rng_state()
+    for step in range(stop, total):
+        _step(model, optimizer, step)
+    return ckpt, optimizer
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_resuming_after_a_merge_continues_bit_identically(model_first: bool) -> None:
+    ckpt, full = _resume_pair(4, 7)
+    assert ckpt["optimizer"]["safe"]["merged"]
+    torch.manual_seed(0)
+    model = peft_bert(layers=4)
+    model.train()
+    optimizer = _optimizer(model, full.controller.config)
+    if model_first:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:  # the optimizer's state first: the fresh weights are merged, then overwritten
+        optimizer.load_state_dict(ckpt["optimizer"])
+        model.load_state_dict(ckpt["model"])
+    assert (
+        optimizer.controller.merged_sites
+        == full.controller.merged_sites[: len(optimizer.controller.merged_sites)]
+    )
+    torch.set_rng_state(ckpt["rng"])  # dropout continues where the interrupted run stopped
+    for step in range(4, 7):
+        _step(model, optimizer, step)
+    expected = full.controller.model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert optimizer.controller.merged_sites == full.controller.merged_sites
+
+
+def test_resuming_onto_weights_that_match_neither_digest_is_refused_and_changes_nothing() -> None:
+    ckpt, full = _resume_pair(4, 4)
+    torch.manual_seed(0)
+    model = peft_bert(layers=4, seed=3)  # other base weights
+    model.train()
+    optimizer = _optimizer(model, full.controller.config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        PlanError, match=r"cannot restore the merged adapter at '.*layer\.0\.attention\.self\.query'"
+    ):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    assert not optimizer.frozen_adapters and not optimizer.controller.merged_sites
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_damaged_merged_record_is_refused() -> None:
+    ckpt, full = _resume_pair(4, 4)
+    state = ckpt["optimizer"]
+    for bad, words in (
+        ([], "merged: expected an object of site -> digests, got list"),
+        ({"nowhere": ["0" * 64, "1" * 64]}, "merged names 'nowhere', which is not an adapter site here"),
+        ({f"{LAYER}.0.attention.self.query": ["x", "y"]}, "expected two SHA-256 hex digests"),
+        ({f"{LAYER}.3.attention.self.query": ["0" * 64, "1" * 64]}, "whose adapters are not all frozen"),
+    ):
+        model = peft_bert(layers=4)
+        optimizer = _optimizer(model, full.controller.config)
+        damaged = copy.deepcopy(state)
+        damaged["safe"]["merged"] = bad
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            optimizer.load_state_dict(damaged)
+        assert not optimizer.frozen_adapters
+
+
+# ---- schema version 3 ----------------------------------------------------------------------
+
+
+def test_version_2_plans_migrate_to_per_adapter_units_without_merging() -> None:
+    raw = json.loads((PLANS / "v2.json").read_text(encoding="utf-8"))
+    new = migrate(raw, source="plan")
+    assert new["version"] == SCHEMA_VERSION == 3
+    assert new["config"]["units"] == "adapter" and new["config"]["merge"] is False
+    assert "units" not in raw["config"]
+    plan = FreezePlan.from_dict(raw)
+    assert plan.config.order == "score" and plan.config.normalization == "max"
+    assert plan.units == raw["units"]
+
+
+def test_a_version_2_checkpoint_state_loads_with_nothing_merged() -> None:
+    config = SAFEConfig.paper(warmup_steps=2, freeze_end_step=4, tau_target=0.5)
+    torch.manual_seed(0)
+    model = peft_bert(layers=2)
+    model.train()
+    optimizer = _optimizer(model, config)
+    for step in range(5):
+        _step(model, optimizer, step)
+    state = optimizer.state_dict()
+    safe = state["safe"]
+    v2_plan = dict(safe["plan"], version=2)
+    v2_plan["config"] = {k: v for k, v in v2_plan["config"].items() if k not in ("units", "merge")}
+    old = {
+        **state,
+        "safe": {"version": 2, "step": safe["step"], "accumulator": safe["accumulator"], "plan": v2_plan},
+    }
+    fresh_model = peft_bert(layers=2)
+    fresh = _optimizer(fresh_model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(old)
+    assert fresh.frozen_adapters == optimizer.frozen_adapters and not fresh.controller.merged_sites
