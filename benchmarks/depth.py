@@ -11,7 +11,7 @@ head (``SentenceClassifier``).
 1. Depth table. For each depth N, a copy keeping the first N decoder blocks is built and
    one training step is counted with ``measure_step`` (FLOPs and bytes saved for
    backward: deterministic, machine-independent) for plain LoRA and for SAFE's steady
-   state, modelled as the rule's best case: the lowest ``ceil(tau_target * N)`` blocks
+   state, modelled as the rule's best case: the lowest ``tau_target * N`` (rounded) blocks
    frozen (``normalization="rank"`` lets that share of blocks freeze; the prefix rule
    freezes them when the scores allow). The AdamW state is counted after that step, then
    a few more steps are timed (median); on CUDA the peak allocated memory is read over
@@ -54,6 +54,9 @@ from safefreeze import SAFEConfig, SAFEOptimizer, find_adapter_pairs
 from safefreeze.demo.data import LABELS, Split, load_rotten_tomatoes
 from safefreeze.demo.task import SentenceClassifier, TaskConfig, batches, evaluate
 from safefreeze.measure import measure_step, optimizer_state_bytes
+from safefreeze.merge import merge as merge_site
+from safefreeze.merge import mergeable
+from safefreeze.selection import normalize_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python benchmarks/depth.py"
@@ -271,22 +274,32 @@ def block_index(name: str) -> int:
 
 
 def frozen_share(blocks: int, tau: float) -> int:
-    """Blocks that rank normalization lets freeze: those whose rank share ``i / n`` is below ``tau``.
+    """How many of ``blocks`` units rank normalization lets freeze at threshold ``tau``.
 
-    This is ``ceil(tau * n)``, computed the way ``normalize_scores(..., "rank")`` ranks.
+    Asked of the library's own ``normalize_scores(..., "rank")`` (``tau * n`` rounded to the
+    nearest, halves down), so the table follows the rule as it is implemented.
     """
-    return sum(i / blocks < tau for i in range(blocks))
+    scores = {f"{i:06d}": float(i) for i in range(blocks)}  # distinct scores: one rank each
+    return sum(v < tau for v in normalize_scores(scores, "rank").values())
 
 
-def freeze_lowest(model: nn.Module, count: int) -> list[str]:
-    """Stop training the LoRA parameters of the lowest ``count`` blocks; returns their adapters."""
+def freeze_lowest(model: nn.Module, count: int, *, merge: bool = True) -> list[str]:
+    """Freeze the LoRA of the lowest ``count`` blocks, as SAFE leaves it; returns the adapters.
+
+    Their parameters stop requiring grad and, with ``merge`` (``SAFEConfig.merge``, on by
+    default), each adapter is merged into its base weights through PEFT, as SAFE does.
+    """
     frozen = []
     params = dict(model.named_parameters())
     for pair in find_adapter_pairs(model):
-        if block_index(pair.name) < count:
-            for name in pair.param_names:
-                params[name].requires_grad_(False)
-            frozen.append(pair.name)
+        if block_index(pair.name) >= count:
+            continue
+        for name in pair.param_names:
+            params[name].requires_grad_(False)
+        site = model.get_submodule(pair.site)
+        if merge and pair.adapter is not None and mergeable(site):
+            merge_site(site, [pair.adapter])
+        frozen.append(pair.name)
     return frozen
 
 
@@ -347,7 +360,7 @@ def depth_row(
         row["total_params"] = sum(p.numel() for p in model.parameters())
         row["adapters"] = len(find_adapter_pairs(model))
         if variant == "safe":
-            freeze_lowest(model, row["frozen_blocks"])
+            freeze_lowest(model, row["frozen_blocks"], merge=SAFEConfig().merge)
         row[variant] = count_variant(model, batch, settings, device)
         del model
         if device.startswith("cuda"):
@@ -553,7 +566,7 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     for row in others:
         out.append(
             f"At N = {row['layers']} the rule freezes {row['frozen_blocks']}/{row['layers']} = "
-            f"{row['frozen_share']:.3f} of the blocks (ceil(0.8 N) / N), so SAFE/LoRA is "
+            f"{row['frozen_share']:.3f} of the blocks, so SAFE/LoRA is "
             f"{row['flops_ratio']:.2f} for FLOPs and {row['saved_ratio']:.2f} for saved bytes there."
         )
     out.append(
@@ -573,11 +586,13 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
                 "frozen prefix nothing is kept for backward."
             )
             break
+    deepest = results["depth"][-1]
     out.append(
-        "Freezing cannot touch the forward pass, which every variant runs in full: LoRA's forward is "
-        f"{_pct(results['depth'][-1]['lora'], 'forward_flops')} of its step at {last['layers']} layers "
-        f"({_pct(results['depth'][0]['lora'], 'forward_flops')} at {first['layers']}), so the FLOPs "
-        "ratio cannot fall below that share."
+        "Every variant runs the whole forward pass (merging the frozen adapters trims SAFE's to "
+        f"{deepest['safe']['forward_flops'] / deepest['lora']['forward_flops']:.3f}x LoRA's at "
+        f"N = {last['layers']}), and LoRA's forward is {_pct(deepest['lora'], 'forward_flops')} of its "
+        f"step at {last['layers']} layers ({_pct(results['depth'][0]['lora'], 'forward_flops')} at "
+        f"{first['layers']}): that share is about as low as the FLOPs ratio can go."
     )
     run = summary.get("run")
     if run and "safe" in run:
@@ -633,10 +648,15 @@ def render(results: dict[str, Any]) -> str:
         f"lr {s['lr']}.",
         f"- SAFE in the depth table: the steady state after SAFE's default freezing, modelled as the "
         f'rule\'s best case. Freeze units are blocks; `tau_target={tau}` with `normalization="rank"` '
-        f"lets a share {tau} of the blocks freeze (ceil({tau} N)), and the prefix rule freezes the "
-        "lowest ones, each only if it and every block below it score under the threshold. So the "
-        "table freezes the LoRA of the lowest ceil(0.8 N) blocks; a real run can freeze a shorter "
-        "prefix, and the run below shows the one it froze.",
+        f"lets {tau} N of the N blocks freeze (rounded to the nearest block, halves down), and the "
+        "prefix rule freezes the lowest ones, each only if it and every block below it score under "
+        f"the threshold. So the table freezes the LoRA of the lowest round({tau} N) blocks"
+        + (
+            " and merges it into the base weights, as SAFE does by default (`merge=True`)"
+            if meta["safe_defaults"].get("merge")
+            else ""
+        )
+        + "; a real run can freeze a shorter prefix, and the run below shows the one it froze.",
         "",
         "## What the figures are",
         "",
@@ -752,8 +772,9 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"`SAFEOptimizer(AdamW, model, SAFEConfig(warmup_steps={config['warmup_steps']}, "
         f"freeze_end_step={config['freeze_end_step']}))`, every other field at its default "
         f"(`order={config['order']!r}`, `normalization={config['normalization']!r}`, "
-        f"`tau_target={config['tau_target']}`). Both runs see the same data in the same order "
-        f"and start from the same weights. Accuracy and macro-F1 are on {run['eval_size']} test "
+        f"`tau_target={config['tau_target']}`, `merge={config.get('merge')}`). Both runs see the "
+        "same data in the same order and start from the same weights. Accuracy and macro-F1 are "
+        f"on {run['eval_size']} test "
         f"snippets (every {run['eval_every']}th of the {run['test_size']}; majority class "
         f"{run['majority']:.1%}). This is a short run: it shows what the rule froze and what that "
         "cost, not which variant is more accurate.",

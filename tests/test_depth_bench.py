@@ -10,7 +10,6 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -134,15 +133,25 @@ def test_block_index_names_the_adapter_without_an_index() -> None:
         depth.block_index("classifier")
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 6, 12, 18, 24, 30, 31])
-def test_frozen_share_is_what_rank_normalization_lets_freeze(blocks: int) -> None:
-    scores = {f"u{i:02d}": float(i + 1) for i in range(blocks)}
-    passing = sum(v < 0.8 for v in normalize_scores(scores, "rank").values())
-    assert depth.frozen_share(blocks, 0.8) == passing == math.ceil(0.8 * blocks)
+@pytest.mark.parametrize(
+    ("blocks", "frozen"), [(1, 1), (2, 2), (4, 3), (6, 5), (12, 10), (18, 14), (24, 19), (30, 24)]
+)
+def test_frozen_share_is_what_rank_normalization_lets_freeze(blocks: int, frozen: int) -> None:
+    assert depth.frozen_share(blocks, 0.8) == frozen  # 0.8 * blocks, rounded to the nearest
+    scores = {f"u{i:02d}": float(blocks - i) for i in range(blocks)}  # any distinct scores
+    assert sum(v < 0.8 for v in normalize_scores(scores, "rank").values()) == frozen
 
 
-def test_freeze_lowest_stops_only_the_lowest_blocks_lora(folder: Path) -> None:
-    model = depth.build_classifier(folder, 4, depth.Settings(), seed=0)
+def test_freeze_lowest_stops_and_merges_only_the_lowest_blocks_lora(folder: Path) -> None:
+    model = depth.build_classifier(folder, 4, depth.Settings(), seed=0).eval()
+    with torch.no_grad():  # PEFT starts B at zero, which would make any merge look right
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    batch = _batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        before = model(**inputs).logits
     frozen = depth.freeze_lowest(model, 3)
     assert [depth.block_index(n) for n in frozen] == [0, 0, 1, 1, 2, 2]
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
@@ -154,20 +163,28 @@ def test_freeze_lowest_stops_only_the_lowest_blocks_lora(folder: Path) -> None:
         "head.bias",
         "head.weight",
     ]
+    layers = model.encoder.base_model.model.layers
+    merged = [
+        [layer.self_attn.q_proj.merged_adapters, layer.self_attn.v_proj.merged_adapters] for layer in layers
+    ]
+    assert merged == [[["default"]] * 2] * 3 + [[[], []]]
+    with torch.no_grad():  # merging moves the frozen updates into the weights: same function
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=1e-5, atol=1e-5)
 
 
-def test_count_variant_forward_equal_backward_and_memory_smaller_when_frozen(folder: Path) -> None:
+def test_count_variant_frozen_blocks_cut_backward_and_memory_merged_ones_forward(folder: Path) -> None:
     settings = depth.Settings(timed_steps=2)
     batch = _batch()
-    lora = depth.build_classifier(folder, 4, settings, seed=0)
-    safe = depth.build_classifier(folder, 4, settings, seed=0)
-    depth.freeze_lowest(safe, 3)
-    a = depth.count_variant(lora, batch, settings, "cpu")
-    b = depth.count_variant(safe, batch, settings, "cpu")
-    assert a["forward_flops"] == b["forward_flops"] > 0
-    assert 0 < b["backward_flops"] < a["backward_flops"]
-    assert 0 < b["saved_bytes"] < a["saved_bytes"]
-    for counts, model in ((a, lora), (b, safe)):
+    models = [depth.build_classifier(folder, 4, settings, seed=0) for _ in range(3)]
+    depth.freeze_lowest(models[1], 3, merge=False)
+    depth.freeze_lowest(models[2], 3)
+    lora, frozen, merged = (depth.count_variant(m, batch, settings, "cpu") for m in models)
+    assert lora["forward_flops"] == frozen["forward_flops"] > merged["forward_flops"] > 0
+    assert 0 < frozen["backward_flops"] < lora["backward_flops"]
+    assert merged["backward_flops"] == frozen["backward_flops"]
+    # Below the lowest trainable block autograd keeps nothing, merged or not.
+    assert 0 < merged["saved_bytes"] == frozen["saved_bytes"] < lora["saved_bytes"]
+    for counts, model in zip((lora, frozen, merged), models, strict=True):
         params = [p for p in model.parameters() if p.requires_grad]
         # AdamW: two float32 moments per element and a float32 step counter per tensor.
         assert counts["optimizer_state_bytes"] == sum(8 * p.numel() + 4 for p in params)
@@ -175,7 +192,7 @@ def test_count_variant_forward_equal_backward_and_memory_smaller_when_frozen(fol
         assert counts["median_step_s"] > 0 and counts["peak_bytes"] is None
     # The counts are deterministic: a second model counts the same.
     again = depth.count_variant(depth.build_classifier(folder, 4, settings, seed=1), batch, settings, "cpu")
-    assert {k: again[k] for k in ("flops", "saved_bytes")} == {k: a[k] for k in ("flops", "saved_bytes")}
+    assert {k: again[k] for k in ("flops", "saved_bytes")} == {k: lora[k] for k in ("flops", "saved_bytes")}
 
 
 def test_train_run_counts_once_per_situation_and_records_the_freezes(folder: Path) -> None:
