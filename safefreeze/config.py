@@ -13,8 +13,8 @@ from safefreeze.selection import ORDERS as _ORDERS
 from safefreeze.selection import UNITS as _UNITS
 
 # Shares of a run's optimizer steps at which SAFEConfig.for_run ends the warm-up and the ramp.
-WARMUP_SHARE = 0.1
-FREEZE_END_SHARE = 0.3
+WARMUP_SHARE = 0.25
+FREEZE_END_SHARE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +33,10 @@ class SAFEConfig:
     # t_w: optimizer steps of warm-up during which every adapter trains and is scored.
     warmup_steps: int = 100
     # t_f: step at which the cubic threshold reaches tau_target (t_f >= t_w).
-    freeze_end_step: int = 400
+    freeze_end_step: int = 200
     # tau_T: final threshold on normalized scores; units scoring below it may freeze. With
     # "rank" normalization it is the share of units that may freeze: tau_T * units, rounded.
-    tau_target: float = 0.8
+    tau_target: float = 0.67
     # How raw importance scores are normalized before thresholding: "rank" (share of units
     # scoring lower), "max" (share of the top score, the paper), "sum" or "none".
     normalization: str = "rank"
@@ -155,8 +155,9 @@ class SAFEConfig:
     def for_run(cls, total_steps: int, **changes: Any) -> SAFEConfig:
         """A config scaled to a run of ``total_steps`` optimizer steps.
 
-        The warm-up takes the first 10% of the steps and the threshold reaches
-        ``tau_target`` at 30%, so the frozen units stay frozen for the remaining 70%.
+        The warm-up takes the first quarter of the steps (long enough for the scores to rank
+        the blocks consistently) and the threshold reaches ``tau_target`` at half, so the
+        frozen units stay frozen for the second half.
 
         Raises:
             ValueError: If ``total_steps`` is not a positive integer.
@@ -164,7 +165,7 @@ class SAFEConfig:
         Example:
             >>> cfg = SAFEConfig.for_run(1000)
             >>> cfg.warmup_steps, cfg.freeze_end_step
-            (100, 300)
+            (250, 500)
         """
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"for_run requires an integer total_steps >= 1, got {total_steps!r}")

@@ -206,7 +206,7 @@ def test_the_paper_config_is_the_papers_rule() -> None:
 
 
 def test_for_run_scales_the_schedule_to_the_run() -> None:
-    assert (SAFEConfig.for_run(337).warmup_steps, SAFEConfig.for_run(337).freeze_end_step) == (34, 101)
+    assert (SAFEConfig.for_run(337).warmup_steps, SAFEConfig.for_run(337).freeze_end_step) == (84, 168)
     assert (SAFEConfig.for_run(1).warmup_steps, SAFEConfig.for_run(1).freeze_end_step) == (1, 1)
     assert SAFEConfig.for_run(100, tau_target=0.5).tau_target == 0.5
     for bad in (0, -3, 2.5, True):

@@ -1,0 +1,258 @@
+"""How ``tau_target`` trades savings for accuracy: SAFE's default rule at several shares.
+
+With rank normalization, ``tau_target`` is the share of freeze units (transformer blocks)
+that may freeze. This runs the default config at several shares on Rotten Tomatoes and on
+the drug reviews (3 seeds each), next to plain LoRA and LoRA stopped at fixed FLOPs
+budgets, and writes ``benchmarks/results/tradeoff_<device>.json``; ``--docs`` renders the
+table into ``docs/tradeoff.md``.
+
+    python benchmarks/tradeoff.py --device cuda --workers 6
+    python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TAUS = (0.33, 0.5, 0.67, 0.8, 1.0)
+# LoRA evaluated when its cumulative FLOPs reach these shares of a full LoRA run.
+BUDGETS = (0.6, 0.7, 0.8, 0.9)
+SEEDS = (0, 1, 2)
+
+
+def tasks() -> dict[str, Any]:
+    from safefreeze.demo.task import TaskConfig
+
+    binary = ("negative", "positive")
+    return {
+        "rotten_tomatoes": TaskConfig(
+            dataset="rotten_tomatoes",
+            labels=binary,
+            epochs=1,
+            batch_size=32,
+            max_length=48,
+            lr=1e-3,
+            schedule="linear",
+        ),
+        "drugreview": TaskConfig(
+            labels=binary, epochs=5, batch_size=16, max_length=128, lr=2e-3, schedule="linear"
+        ),
+    }
+
+
+def one_run(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (task, seed, variant) in this process; return its figures."""
+    import torch
+
+    from safefreeze import SAFEConfig
+    from safefreeze.demo.task import encode, train
+
+    torch.set_num_threads(job["threads"])
+    task = dataclasses.replace(tasks()[job["task"]], device=job["device"])
+    if job.get("limit"):
+        task = dataclasses.replace(task, limit=job["limit"], max_length=16)
+    train_split, test_split = task.load()
+    train_data, test_data = encode(train_split, task), encode(test_split, task)
+    total = task.steps(train_data["labels"].shape[0])
+    config = None
+    if job["tau"] is not None:
+        warmup, end = job["schedule"]
+        config = SAFEConfig(
+            warmup_steps=max(1, round(warmup * total)),
+            freeze_end_step=max(1, round(warmup * total), round(end * total)),
+            tau_target=job["tau"],
+        )
+    budget = None if job["budget"] is None else int(job["budget"] * job["lora_flops"])
+    started = time.perf_counter()
+    result = train(
+        job["variant"], task, train_data, test_data, seed=job["seed"], config=config, eval_at_flops=budget
+    )
+    plan = result.plan
+    return {
+        **{k: job[k] for k in ("task", "seed", "variant", "tau", "budget", "schedule")},
+        "steps": total,
+        "accuracy": result.accuracy,
+        "macro_f1": result.macro_f1,
+        "flops": result.total_flops,
+        "saved_bytes": result.mean_saved_bytes,
+        "budget_step": result.budget_step,
+        "budget_accuracy": result.budget_accuracy,
+        "budget_macro_f1": result.budget_macro_f1,
+        "units": None if plan is None else len(plan.units),
+        "frozen": None if plan is None else [[e.step, len(e.units)] for e in plan.events],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def lora_flops(task_name: str, device: str, limit: int | None) -> int:
+    """FLOPs of a full plain LoRA run (counted, so equal on every machine)."""
+    from safefreeze.demo.task import build_model, encode
+    from safefreeze.measure import measure_step
+
+    task = dataclasses.replace(tasks()[task_name], device=device)
+    if limit:
+        task = dataclasses.replace(task, limit=limit, max_length=16)
+    train_split, _ = task.load()
+    data = encode(train_split, task)
+    model = build_model(task, 0).to(device)
+    model.train()
+    batch = {k: v[: task.batch_size].to(device) for k, v in data.items()}
+    _, costs = measure_step(model, lambda: model(**batch).loss)
+    return costs.flops * task.steps(data["labels"].shape[0])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    jobs = []
+    for name in args.tasks:
+        full = lora_flops(name, args.device, args.limit)
+        for seed in args.seeds:
+            base = {
+                "task": name,
+                "seed": seed,
+                "device": args.device,
+                "threads": args.threads,
+                "limit": args.limit,
+            }
+            base["lora_flops"] = full
+            jobs += [{**base, "variant": "lora", "tau": None, "budget": b, "schedule": None} for b in BUDGETS]
+            for warmup, end in args.schedules:
+                jobs += [
+                    {
+                        **base,
+                        "variant": f"safe_tau{t}_w{warmup}_f{end}",
+                        "tau": t,
+                        "budget": None,
+                        "schedule": (warmup, end),
+                    }
+                    for t in args.taus
+                ]
+    context = multiprocessing.get_context("spawn")
+    results = []
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        for result in pool.map(one_run, jobs):
+            results.append(result)
+            print(
+                f"{result['task']:16s} seed {result['seed']} {result['variant']:12s} {result['budget']} "
+                f"acc {result['accuracy']:.3f} f1 {result['macro_f1']:.3f} "
+                f"budget acc {result['budget_accuracy']} {result['seconds']:.0f} s",
+                flush=True,
+            )
+    return {
+        "command": "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "device": args.device,
+        },
+        "runs": results,
+    }
+
+
+def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (task, variant): means over seeds, and ratios to the full LoRA runs."""
+    rows = []
+    for name in dict.fromkeys(r["task"] for r in data["runs"]):
+        runs = [r for r in data["runs"] if r["task"] == name]
+        lora = [r for r in runs if r["variant"] == "lora"]
+        lora_acc = statistics.fmean(r["accuracy"] for r in lora)
+        lora_f1 = statistics.fmean(r["macro_f1"] for r in lora)
+        lora_flops = statistics.fmean(r["flops"] for r in lora)
+        lora_saved = statistics.fmean(r["saved_bytes"] for r in lora)
+        rows.append(
+            {
+                "task": name,
+                "variant": "lora",
+                "accuracy": lora_acc,
+                "macro_f1": lora_f1,
+                "flops": 1.0,
+                "saved": 1.0,
+            }
+        )
+        for budget in sorted({r["budget"] for r in lora}):
+            at = [r for r in lora if r["budget"] == budget and r["budget_accuracy"] is not None]
+            if at:
+                rows.append(
+                    {
+                        "task": name,
+                        "variant": f"lora stopped at {budget:.0%} FLOPs",
+                        "accuracy": statistics.fmean(r["budget_accuracy"] for r in at),
+                        "macro_f1": statistics.fmean(r["budget_macro_f1"] for r in at),
+                        "flops": budget,
+                        "saved": 1.0,
+                    }
+                )
+        for variant in dict.fromkeys(r["variant"] for r in runs if r["variant"] != "lora"):
+            vs = [r for r in runs if r["variant"] == variant]
+            rows.append(
+                {
+                    "task": name,
+                    "variant": variant,
+                    "tau": vs[0]["tau"],
+                    "accuracy": statistics.fmean(r["accuracy"] for r in vs),
+                    "accuracy_sd": statistics.pstdev(r["accuracy"] for r in vs),
+                    "macro_f1": statistics.fmean(r["macro_f1"] for r in vs),
+                    "flops": statistics.fmean(r["flops"] for r in vs) / lora_flops,
+                    "saved": statistics.fmean(r["saved_bytes"] for r in vs) / lora_saved,
+                    "frozen": statistics.fmean(sum(n for _, n in r["frozen"]) for r in vs),
+                    "units": vs[0]["units"],
+                    "delta": 100
+                    * statistics.fmean(r["accuracy"] - base["accuracy"] for r, base in _paired(vs, lora)),
+                }
+            )
+    return rows
+
+
+def _paired(
+    runs: list[dict[str, Any]], lora: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    first = {}
+    for r in lora:
+        first.setdefault(r["seed"], r)
+    return [(r, first[r["seed"]]) for r in runs if r["seed"] in first]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tasks", nargs="+", default=list(tasks()))
+    parser.add_argument("--taus", type=float, nargs="+", default=list(TAUS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument(
+        "--schedules",
+        type=lambda s: tuple(float(x) for x in s.split("/")),
+        nargs="+",
+        default=[(0.1, 0.3)],
+        help="warm-up end / ramp end as shares of the run, e.g. 0.1/0.3",
+    )
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="examples per split (smoke runs)")
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.from_json is not None:
+        data = json.loads(args.from_json.read_text())
+    else:
+        data = run(args)
+        out = args.results or ROOT / "benchmarks" / "results" / f"tradeoff_{args.device}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+    for row in summarize(data):
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
