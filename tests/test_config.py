@@ -27,7 +27,11 @@ def test_from_epochs_converts_to_optimizer_steps() -> None:
     [
         ({"warmup_steps": 100, "freeze_end_step": 50}, "freeze_end_step=50, warmup_steps=100"),
         ({"warmup_steps": 0}, "warmup_steps >= 1, got warmup_steps=0"),
-        ({"tau_target": 1.5}, "0 <= tau_target <= 1.0 with normalization='max', got tau_target=1.5"),
+        ({"tau_target": 1.5}, "0 <= tau_target <= 1.0 with normalization='rank', got tau_target=1.5"),
+        (
+            {"tau_target": 1.5, "normalization": "max"},
+            "0 <= tau_target <= 1.0 with normalization='max', got tau_target=1.5",
+        ),
         ({"tau_target": -0.1}, "got tau_target=-0.1"),
         ({"tau_target": float("nan")}, "finite number, got tau_target=nan"),
         ({"normalization": "mean"}, "got normalization='mean'"),
@@ -35,7 +39,8 @@ def test_from_epochs_converts_to_optimizer_steps() -> None:
         ({"max_tokens": 3}, "max_tokens >= 4"),
         ({"group_by": "(["}, "not a valid regex"),
         ({"group_by": r"layer\.\d+"}, "at least one capture group"),
-        ({"order": "random"}, "order must be one of ('score', 'depth'), got order='random'"),
+        ({"order": "random"}, "order must be one of ('prefix', 'score', 'depth'), got order='random'"),
+        ({"units": "layer"}, "units must be one of ('block', 'adapter'), got units='layer'"),
     ],
 )
 def test_invalid_configs_name_the_bad_value(kwargs: dict[str, object], words: str) -> None:
@@ -76,6 +81,7 @@ def test_config_is_frozen() -> None:
             r"score_every <= warmup_steps.*score_every=5, warmup_steps=4",
         ),
         ({"max_tokens": True}, ValueError, r"max_tokens >= 4"),
+        ({"merge": 1}, TypeError, r"merge must be a bool, got merge=1"),
     ],
 )
 def test_bad_values_fail_in_the_config_with_a_clear_message(kwargs: dict, error: type, match: str) -> None:

@@ -40,7 +40,7 @@ def _bert_batch(seed: int, pad_from: int = 12) -> dict[str, torch.Tensor]:
 def test_scores_padding_masked_tokens_subsampled_on_sampled_steps() -> None:
     model = peft_bert(("query", "value"))
     model.train()
-    config = SAFEConfig(warmup_steps=6, freeze_end_step=8, tau_target=0.0, score_every=2, max_tokens=32)
+    config = SAFEConfig.paper(warmup_steps=6, freeze_end_step=8, tau_target=0.0, score_every=2, max_tokens=32)
     opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
     stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
     for step in range(5):
@@ -76,7 +76,7 @@ def test_eval_and_no_grad_forwards_are_not_scored() -> None:
 def test_bottleneck_adapters_are_scored_against_their_input() -> None:
     torch.manual_seed(0)
     model = BottleneckNet(depth=3)
-    config = SAFEConfig(warmup_steps=3, freeze_end_step=3, tau_target=1.0)
+    config = SAFEConfig.paper(warmup_steps=3, freeze_end_step=3, tau_target=1.0)
     opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=BOTTLENECK)
     _train(model, opt, 3)
     raw = opt.plan.raw_scores
@@ -114,7 +114,9 @@ def test_nan_activations_are_skipped_and_a_nan_score_never_freezes() -> None:
 def test_group_by_freezes_a_block_as_one_unit() -> None:
     model = peft_bert(("query", "value"), layers=3)
     model.train()
-    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=1.0, group_by=r".*\.layer\.(\d+)\..*")
+    config = SAFEConfig.paper(
+        warmup_steps=2, freeze_end_step=2, tau_target=1.0, group_by=r".*\.layer\.(\d+)\..*"
+    )
     opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
     assert list(opt.controller.units) == ["0", "1", "2"]
     for step in range(3):
@@ -133,7 +135,7 @@ def test_frozen_prefix_with_grad_requiring_input_warns_once() -> None:
     model = peft_bert(("query", "value"), layers=2)
     model.enable_input_require_grads()
     model.train()
-    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    config = SAFEConfig.paper(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
     opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
     # Freeze the lowest adapter by setting the final scores through the engine's public step.
     opt.controller.finalize_scores(
@@ -150,7 +152,7 @@ def test_frozen_prefix_with_grad_requiring_input_warns_once() -> None:
 
 def test_frozen_prefix_without_grad_input_does_not_warn() -> None:
     model = HandLoRANet(depth=3)
-    config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    config = SAFEConfig.paper(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
     opt = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, config, pattern=HAND_LORA)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -161,7 +163,7 @@ def test_frozen_prefix_without_grad_input_does_not_warn() -> None:
 def test_a_framework_can_drive_the_engine_directly() -> None:
     torch.manual_seed(0)
     model = HandLoRANet(depth=3)
-    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=1.0)
+    config = SAFEConfig.paper(warmup_steps=2, freeze_end_step=4, tau_target=1.0)
     engine = FreezeController(model, config, pattern=HAND_LORA)
     events = []
     engine.add_callback(events.append)
@@ -230,7 +232,7 @@ def test_depth_order_freezes_as_many_units_lowest_first() -> None:
     def run(order: str) -> SAFEOptimizer:
         model = peft_bert(("query", "value"), layers=3, seed=0)
         model.train()
-        config = SAFEConfig(warmup_steps=2, freeze_end_step=5, tau_target=0.8, order=order)
+        config = SAFEConfig.paper(warmup_steps=2, freeze_end_step=5, tau_target=0.8, order=order)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = SAFEOptimizer(torch.optim.AdamW(trainable), model, config)
         for step in range(7):
@@ -249,6 +251,8 @@ def test_depth_order_freezes_as_many_units_lowest_first() -> None:
     assert sorted(u for e in by_score.plan.events for u in e.units) == sorted(units[1:5])
     frozen = [u for e in by_depth.plan.events for u in e.units]
     assert frozen == units[:4]  # as many units, always a lower prefix, the top scorer included
+    # The prefix rule stops at the first unit at or above the threshold: the lowest one here.
+    assert run("prefix").plan.events == []
 
 
 class _InPlaceLoRA(nn.Module):

@@ -48,10 +48,12 @@ from safefreeze.integrations.mlflow import (
 
 HAND_LORA = AdapterPattern(base="base", params=r"lora_(?:down|up)\..+")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# 4-layer BERT, LoRA on q/v: 8 adapters, several freeze events within BERT_STEPS.
-BERT_CONFIG = SAFEConfig(warmup_steps=2, freeze_end_step=8, tau_target=0.6, max_tokens=16)
+# The paper's rule (one unit per adapter, scores over the top one, frozen by score, nothing
+# merged) on a 4-layer BERT, LoRA on q/v: 8 adapters, several freeze events within BERT_STEPS.
+BERT_CONFIG = SAFEConfig.paper(warmup_steps=2, freeze_end_step=8, tau_target=0.6, max_tokens=16)
 BERT_STEPS = 10
-HAND_CONFIG = SAFEConfig(warmup_steps=3, freeze_end_step=6, tau_target=0.9)
+# 4 hand-made adapters: all but the top one freeze at step 4.
+HAND_CONFIG = SAFEConfig.paper(warmup_steps=3, freeze_end_step=6, tau_target=0.9)
 # MLflow's HTTP client retries for minutes by default; a dead server must fail fast here.
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 
@@ -251,6 +253,8 @@ def test_logger_logs_exact_metrics_params_tags_and_artifacts(
         "safefreeze.group_by": "None",
         "safefreeze.seed": "0",
         "safefreeze.order": "score",
+        "safefreeze.units": "adapter",
+        "safefreeze.merge": "False",
         "safefreeze.adapters": "8",
     }
     safe_tags = {k: v for k, v in run.data.tags.items() if k.startswith("safefreeze.")}

@@ -39,10 +39,12 @@ BATCH, SEQ, VOCAB, LABELS = 4, 8, 100, 3
 STEPS = 12
 PREFIX = "base_model.model.bert.encoder.layer"
 ADAPTERS = [f"{PREFIX}.{i}.attention.self.{part}" for i in range(2) for part in ("query", "value")]
+# The paper's rule throughout: one unit per adapter, scores over the top one, frozen by
+# score, nothing merged (so the frozen weights stay the trained ones).
 # Crosses the warm-up (step 4) and the end of the schedule (step 8) but freezes nothing.
-NEVER = SAFEConfig(warmup_steps=4, freeze_end_step=8, tau_target=0.0, max_tokens=8)
+NEVER = SAFEConfig.paper(warmup_steps=4, freeze_end_step=8, tau_target=0.0, max_tokens=8)
 # tau_target=1.0: everything but the top adapter is frozen by step 6.
-FREEZE = SAFEConfig(warmup_steps=3, freeze_end_step=6, tau_target=1.0, max_tokens=8)
+FREEZE = SAFEConfig.paper(warmup_steps=3, freeze_end_step=6, tau_target=1.0, max_tokens=8)
 
 Groups = list[dict[str, Any]]
 Batch = dict[str, torch.Tensor]
@@ -463,7 +465,9 @@ def test_state_dict_is_keyed_by_names_and_json_friendly() -> None:
     assert all_keys_are_str(sd)
     assert set(sd) == {"inner", "safe"}
     assert set(sd["inner"]) == {"state", "param_groups"}
-    assert set(sd["safe"]) == {"version", "step", "accumulator", "plan"}
+    assert set(sd["safe"]) == {"version", "step", "accumulator", "plan", "merged"}
+    assert sd["safe"]["version"] == SCHEMA_VERSION == 3
+    assert sd["safe"]["merged"] == {}  # merge=False
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
     assert [g["params"] for g in sd["inner"]["param_groups"]] == groups
@@ -681,7 +685,7 @@ def test_plan_scores_and_frozen_are_readable_at_any_time() -> None:
 
 
 def test_gradient_accumulation_counts_optimizer_steps() -> None:
-    config = SAFEConfig(warmup_steps=3, freeze_end_step=3, tau_target=1.0, max_tokens=8)
+    config = SAFEConfig.paper(warmup_steps=3, freeze_end_step=3, tau_target=1.0, max_tokens=8)
     model = make_model()
     opt = SAFEOptimizer(_adamw(model), model, config)
     frozen_per_step: list[int] = []
@@ -920,7 +924,10 @@ def test_a_version_1_checkpoint_loads_and_a_wrong_frozen_map_is_refused() -> Non
         "scoring": False,
         "plan": {**safe["plan"], "version": 1},
     }
-    old["plan"]["config"] = {k: v for k, v in old["plan"]["config"].items() if k != "order"}
+    # Version 1 knew none of order, units and merge.
+    old["plan"]["config"] = {
+        k: v for k, v in old["plan"]["config"].items() if k not in ("order", "units", "merge")
+    }
     model = make_model()
     opt = SAFEOptimizer(_adamw(model), model, FREEZE)
     opt.load_state_dict({"inner": checkpoint["inner"], "safe": old})
@@ -934,6 +941,23 @@ def test_a_version_1_checkpoint_loads_and_a_wrong_frozen_map_is_refused() -> Non
     with pytest.raises(PlanError, match=r"frozen"):
         opt2.load_state_dict({"inner": checkpoint["inner"], "safe": wrong})
     assert opt2.frozen_adapters == []
+
+
+def test_a_version_2_checkpoint_loads_with_nothing_merged() -> None:
+    checkpoint = _frozen_checkpoint()
+    safe = checkpoint["safe"]
+    # The layout version 2 wrote: no merged sites, a plan whose config has no units or merge.
+    config = {k: v for k, v in safe["plan"]["config"].items() if k not in ("units", "merge")}
+    old = {k: v for k, v in safe.items() if k != "merged"}
+    old = {**old, "version": 2, "plan": {**safe["plan"], "version": 2, "config": config}}
+    model = make_model()
+    opt = SAFEOptimizer(_adamw(model), model, FREEZE)
+    opt.load_state_dict({"inner": checkpoint["inner"], "safe": old})
+    assert len(opt.frozen_adapters) == len(ADAPTERS) - 1
+    assert opt.controller.merged_sites == []
+    state = opt.state_dict()["safe"]
+    assert (state["version"], state["merged"]) == (SCHEMA_VERSION, {})
+    assert (state["plan"]["config"]["units"], state["plan"]["config"]["merge"]) == ("adapter", False)
 
 
 # ---- 9. hooks never outlive their optimizer ----------------------------------------------
@@ -959,7 +983,9 @@ def test_an_optimizer_dropped_during_warmup_leaves_no_hook() -> None:
 def test_the_prefix_check_does_not_keep_a_deleted_optimizer_alive() -> None:
     model = make_model()
     model.enable_input_require_grads()
-    opt = SAFEOptimizer(_adamw(model), model, SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=1.0))
+    opt = SAFEOptimizer(
+        _adamw(model), model, SAFEConfig.paper(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    )
     opt.controller.finalize_scores({u: (0.0 if u == ADAPTERS[0] else 1.0) for u in opt.controller.units})
     train(model, opt, make_batches(1))
     assert opt.frozen_adapters == [ADAPTERS[0]] and _hooked(model) > 0  # the one-shot check waits

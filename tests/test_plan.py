@@ -48,13 +48,24 @@ class Recorded:
     plan: FreezePlan
 
 
+# The paper's rule: one unit per adapter, scores over the top one, every adapter below the
+# threshold freezes, nothing merged.
+CONFIG = SAFEConfig.paper(warmup_steps=4, freeze_end_step=10, tau_target=0.6, max_tokens=16)
+
+
 @pytest.fixture(scope="module")
 def recorded() -> Recorded:
-    """8 steps of the replay tests' run: scored for 4 steps, then 3 freezes at steps 5, 6, 7."""
+    """8 steps on the replay tests' model and data under the paper's rule (CONFIG).
+
+    Scored for 4 steps, then 3 freezes at steps 5, 6, 7.
+    """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the script, so this is the same run
+    torch.set_num_threads(1)  # as in the script: its model, data and thread count
     try:
-        model, optimizer = train_script.build(None)
+        model = peft_bert(layers=train_script.LAYERS, seed=0, lora_dropout=0.1)
+        model.train()
+        inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        optimizer = SAFEOptimizer(inner, model, CONFIG)
         torch.manual_seed(1)
         train_script.train(model, optimizer, 0, 8)
     finally:
@@ -159,7 +170,7 @@ def test_file_is_plain_versioned_json(recorded: Recorded, tmp_path: Path) -> Non
 
     data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
     assert data["schema"] == "safefreeze.plan"
-    assert data["version"] == SCHEMA_VERSION == 2
+    assert data["version"] == SCHEMA_VERSION == 3
     assert set(data) == {"schema", "version", "config", "model", "units", "scores", "events"}
     assert data["config"] == recorded.plan.config.to_dict()
     assert re.fullmatch(r"[0-9a-f]{64}", data["model"]["fingerprint"])
@@ -295,7 +306,7 @@ def test_newer_schema_version_asks_for_an_upgrade(doc: dict[str, Any], tmp_path:
     with pytest.raises(PlanError) as info:
         FreezePlan.load(path)
     assert str(info.value) == (
-        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 2; "
+        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 3; "
         "upgrade safefreeze to read it"
     )
 
@@ -644,7 +655,7 @@ DAMAGES: list[tuple[str, Any, str]] = [
     (
         "config-order",
         lambda d: d["config"].update(order="random"),
-        "config.order: SAFEConfig.order must be one of ('score', 'depth'), got order='random'",
+        "config.order: SAFEConfig.order must be one of ('prefix', 'score', 'depth'), got order='random'",
     ),
     (
         "config-steps",
@@ -665,22 +676,22 @@ DAMAGES: list[tuple[str, Any, str]] = [
     (
         "version-zero",
         lambda d: d.update(version=0),
-        "version: expected a plan schema version from 1 to 2, got 0",
+        "version: expected a plan schema version from 1 to 3, got 0",
     ),
     (
         "version-string",
         lambda d: d.update(version="2"),
-        "version: expected a plan schema version from 1 to 2, got '2'",
+        "version: expected a plan schema version from 1 to 3, got '2'",
     ),
     (
         "version-bool",
         lambda d: d.update(version=True),
-        "version: expected a plan schema version from 1 to 2, got true",
+        "version: expected a plan schema version from 1 to 3, got true",
     ),
     (
         "version-missing",
         lambda d: d.pop("version"),
-        "version: expected a plan schema version from 1 to 2, got no 'version' field",
+        "version: expected a plan schema version from 1 to 3, got no 'version' field",
     ),
 ]
 
@@ -888,14 +899,20 @@ def _file_doc(name: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("name", ["v1_without_order.json", "v1.json", "v2.json"])
+@pytest.mark.parametrize("name", ["v1_without_order.json", "v1.json", "v2.json", "v3.json"])
 def test_checked_in_plans_of_every_version_load(name: str) -> None:
     raw = _file_doc(name)
     plan = FreezePlan.load(PLANS / name)
-    assert plan.config.order == "score"
-    assert plan.migrated_from == (None if raw["version"] == SCHEMA_VERSION else raw["version"])
-    # Same adapters, units, scores and events: only the version and the filled order differ.
-    expected = {**raw, "version": SCHEMA_VERSION, "config": {**raw["config"], "order": "score"}}
+    current = raw["version"] == SCHEMA_VERSION
+    # Older plans keep the rule they were recorded under: the paper's, per adapter, unmerged.
+    old = {"order": "score", "units": "adapter", "merge": False}
+    config = plan.config
+    assert (config.order, config.units, config.merge) == (
+        ("prefix", "block", True) if current else tuple(old.values())
+    )
+    assert plan.migrated_from == (None if current else raw["version"])
+    # Same adapters, units, scores and events: only the version and the filled fields differ.
+    expected = {**raw, "version": SCHEMA_VERSION, "config": {**raw["config"], **({} if current else old)}}
     assert plan.to_dict() == expected
     assert plan.events and plan.scored_at is not None
 
@@ -929,10 +946,12 @@ def test_migrate_never_mutates_its_input_and_keeps_a_recorded_order() -> None:
     new = migrate(raw, source="plan")
     assert raw == before
     assert new["version"] == SCHEMA_VERSION and new["config"]["order"] == "depth"
+    assert (new["config"]["units"], new["config"]["merge"]) == ("adapter", False)
     raw["config"].pop("order")
     new = migrate(raw, source="plan")
     assert new["config"]["order"] == "score" and "order" not in raw["config"]
-    current = _file_doc("v2.json")
+    assert "units" not in raw["config"] and "merge" not in raw["config"]
+    current = _file_doc("v3.json")
     again = migrate(current, source="plan")
     assert again == current and again is not current
 
@@ -949,16 +968,17 @@ def test_v1_plans_with_empty_units_get_identity_units_unless_grouped() -> None:
     with pytest.raises(PlanError) as info:
         FreezePlan.from_dict(grouped, source="plan file 'old.json'")
     assert str(info.value) == (
-        "plan file 'old.json' cannot be migrated from plan schema version 1 to 2: units: its units "
+        "plan file 'old.json' cannot be migrated from plan schema version 1 to 3: units: its units "
         "are not recorded and config.group_by is 'blocks\\\\.(\\\\d+)\\\\..*', so they are not one per "
         "adapter; re-record the plan"
     )
-    current = _file_doc("v2.json")
-    current["units"] = {}
-    with pytest.raises(
-        PlanError, match=r"^plan is damaged: units: expected every adapter in a unit, got 8 in none"
-    ):
-        FreezePlan.from_dict(current)  # version 2 records its units
+    for name in ("v2.json", "v3.json"):
+        stored = _file_doc(name)
+        stored["units"] = {}
+        with pytest.raises(
+            PlanError, match=r"^plan is damaged: units: expected every adapter in a unit, got 8 in none"
+        ):
+            FreezePlan.from_dict(stored)  # versions 2 and 3 record their units
 
 
 def test_migrate_refuses_what_is_not_a_plan() -> None:
@@ -967,9 +987,9 @@ def test_migrate_refuses_what_is_not_a_plan() -> None:
     ):
         migrate([], source="ckpt")
     with pytest.raises(
-        PlanError, match=r"^ckpt has plan schema version 3; this safefreeze reads versions up to 2"
+        PlanError, match=r"^ckpt has plan schema version 4; this safefreeze reads versions up to 3"
     ):
-        migrate({"schema": "safefreeze.plan", "version": 3}, source="ckpt")
+        migrate({"schema": "safefreeze.plan", "version": 4}, source="ckpt")
 
 
 def test_check_frozen_matches_events(recorded: Recorded) -> None:

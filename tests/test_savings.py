@@ -31,9 +31,13 @@ def _step_costs(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> tupl
     return costs.saved_bytes, costs.backward_flops
 
 
+# One unit per adapter and no merging: the savings measured here come from freezing alone.
+CONFIG = SAFEConfig(warmup_steps=2, freeze_end_step=2, units="adapter", merge=False)
+
+
 def _plan_freezing(model: nn.Module, layers: range) -> FreezePlan:
     """A plan that freezes every adapter of ``layers`` at the end of step 2."""
-    recorder = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model)
+    recorder = SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, CONFIG)
     recorder.controller.close()
     template = recorder.plan
     units = [u for u in template.units if any(f"layer.{i}." in u for i in layers)]
@@ -47,8 +51,7 @@ def _plan_freezing(model: nn.Module, layers: range) -> FreezePlan:
         params_freed=0,
         state_bytes_freed=0,
     )
-    config = SAFEConfig(warmup_steps=2, freeze_end_step=2)
-    return FreezePlan(config=config, adapters=template.adapters, units=template.units, events=[event])
+    return FreezePlan(config=CONFIG, adapters=template.adapters, units=template.units, events=[event])
 
 
 def _costs_after_freezing(layers: range) -> tuple[tuple[int, int], tuple[int, int], int, int, int]:

@@ -47,6 +47,7 @@ def test_cubic_threshold_rejects_inverted_stages() -> None:
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
+        ("rank", {"a": 1 / 6, "b": 5 / 6, "c": 0.5}),
         ("max", {"a": 0.25, "b": 1.0, "c": 0.5}),
         ("sum", {"a": 1 / 7, "b": 4 / 7, "c": 2 / 7}),
         ("none", {"a": 0.1, "b": 0.4, "c": 0.2}),
@@ -68,7 +69,7 @@ def test_normalize_all_zero_scores_stay_zero() -> None:
 
 
 def test_normalize_rejects_unknown_method_and_negative_scores() -> None:
-    with pytest.raises(ValueError, match=r"one of \('max', 'sum', 'none'\), got 'mean'"):
+    with pytest.raises(ValueError, match=r"one of \('rank', 'max', 'sum', 'none'\), got 'mean'"):
         normalize_scores({"a": 1.0}, "mean")
     with pytest.raises(ValueError, match=r"negative scores for \['b'\]"):
         normalize_scores({"a": 1.0, "b": -0.5})
