@@ -74,6 +74,6 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """LoRA vs SAFE benchmark; rewrites docs/benchmarks.md and its plots."""
+    """LoRA vs SAFE on Rotten Tomatoes (CPU, about an hour); rewrites docs/benchmarks.md and its plots."""
     _install_demo(session)
-    session.run("python", "benchmarks/drugreview.py", *session.posargs)
+    session.run("python", "benchmarks/rotten.py", *session.posargs)

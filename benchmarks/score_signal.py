@@ -47,7 +47,6 @@ import torch
 
 from safefreeze import SAFEConfig, SAFEOptimizer, find_adapter_pairs
 from safefreeze.cka import CKAAccumulator
-from safefreeze.demo import DEMO_TASK, demo_config
 from safefreeze.demo.data import LABELS, load_drug_reviews, load_rotten_tomatoes
 from safefreeze.demo.task import TaskConfig, batches, build_model, encode
 from safefreeze.hooks import ScoreRecorder
@@ -56,6 +55,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STABLE = 0.7  # mean cross-seed Spearman above which a ranking is called stable
 TAU = 0.6  # SAFEConfig's default tau_target: which adapters would end up frozen
 COMMAND = "python benchmarks/score_signal.py"
+# The drug-review demo's task, as the warm-up lengths W on the page are named after it.
+DEMO_TASK = TaskConfig(labels=("negative", "positive"))
+
+
+def demo_config(steps_per_epoch: int) -> SAFEConfig:
+    """The drug-review demo's SAFE schedule: a quarter-epoch warm-up, a one-epoch ramp."""
+    warmup = max(1, round(0.25 * steps_per_epoch))
+    return SAFEConfig(warmup_steps=warmup, freeze_end_step=max(warmup, steps_per_epoch))
 
 
 # ---- statistics ------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -99,6 +101,8 @@ class RunResult:
     step_times_s: list[float] = dataclasses.field(default_factory=list)
     # CUDA only: peak memory allocated from ``peak_from_step`` on (SAFE: the end of the warm-up).
     peak_memory_after_warmup: int | None = None
+    # Per optimizer step: FLOPs of the forward pass alone (a part of ``step_flops``).
+    step_forward_flops: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def total_flops(self) -> int:
@@ -295,7 +299,7 @@ def train(
         if setup is not None:
             setup(safe)
     seen: dict[tuple[Any, ...], StepCosts] = {}
-    flops, saved, state, times = [], [], [], []
+    flops, forward, saved, state, times = [], [], [], [], []
     budget: tuple[int, float, float] | None = None
     if peak_from_step is None and safe is not None:
         peak_from_step = safe.controller.config.warmup_steps
@@ -325,6 +329,7 @@ def train(
         _sync(device)
         times.append(time.perf_counter() - started)
         flops.append(costs.flops)
+        forward.append(costs.forward_flops)
         saved.append(costs.saved_bytes)
         state.append(optimizer_state_bytes(inner))
         if budget is None and eval_at_flops is not None and sum(flops) >= eval_at_flops:
@@ -352,7 +357,88 @@ def train(
         budget_macro_f1=None if budget is None else budget[2],
         step_times_s=times,
         peak_memory_after_warmup=peak,
+        step_forward_flops=forward,
     )
+
+
+def warmup_overhead(
+    task: TaskConfig, data: dict[str, torch.Tensor], config: SAFEConfig, pairs: int
+) -> dict[str, float]:
+    """Step time of a scoring warm-up versus plain LoRA, interleaved in one process.
+
+    Two copies of the model train on the first batch of ``data``: one plain, one under a
+    SAFE optimizer whose warm-up never ends, so every step of it runs the scoring hooks.
+    Their steps alternate (the order flips every pair), the first two pairs warm caches up,
+    and pair k compares the same step index of both models; the median per-step ratio
+    resists noise from other processes.
+
+    Args:
+        task: Fine-tuning settings (device, batch size, learning rate).
+        data: Output of :func:`encode`; only its first batch is used.
+        config: The SAFE settings whose scoring is measured (its schedule is ignored).
+        pairs: Timed steps of each model, after the two untimed pairs.
+
+    Returns:
+        Median step seconds of each model (``plain_step_s``, ``scored_step_s``), the median
+        per-step ratio minus one (``overhead``) and the number of pairs (``steps``).
+
+    Raises:
+        ValueError: If ``pairs`` is below 1.
+    """
+    if pairs < 1:
+        raise ValueError(f"warmup_overhead requires pairs >= 1, got pairs={pairs}")
+    device = torch.device(task.device)
+    batch = {k: v[: task.batch_size].to(device) for k, v in data.items()}
+    plain, scored = build_model(task, 0).to(device), build_model(task, 0).to(device)
+    plain.train()
+    scored.train()
+    opt_plain = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=task.lr)
+    long_warmup = dataclasses.replace(config, warmup_steps=10**6, freeze_end_step=10**6)
+    opt_scored = SAFEOptimizer(
+        torch.optim.AdamW([p for p in scored.parameters() if p.requires_grad], lr=task.lr),
+        scored,
+        long_warmup,
+    )
+    runs: tuple[tuple[str, nn.Module, torch.optim.Optimizer], ...] = (
+        ("plain", plain, opt_plain),
+        ("scored", scored, opt_scored),
+    )
+    times: dict[str, list[float]] = {"plain": [], "scored": []}
+    for i in range(2 + pairs):
+        for name, model, opt in runs[:: 1 if i % 2 else -1]:
+            _sync(device)
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            _sync(device)
+            if i >= 2:  # the first steps warm caches up
+                times[name].append(time.perf_counter() - start)
+    opt_scored.close()
+    ratios = [s / p for s, p in zip(times["scored"], times["plain"], strict=True)]
+    return {
+        "plain_step_s": statistics.median(times["plain"]),
+        "scored_step_s": statistics.median(times["scored"]),
+        "overhead": statistics.median(ratios) - 1.0,
+        "steps": len(ratios),
+    }
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What a benchmark ran on: platform, CPUs, torch threads and version, the CUDA device."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if torch.device(device).type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 def _sync(device: torch.device) -> None:

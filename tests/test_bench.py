@@ -1,0 +1,230 @@
+"""The Rotten Tomatoes benchmark: its statistics, its page from known numbers, and a smoke run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from safefreeze import SAFEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load(REPO / "benchmarks" / "report.py")
+rotten = _load(REPO / "benchmarks" / "rotten.py")
+
+UNITS = {
+    f"encoder.layer.{i}": [f"encoder.layer.{i}.attention.self.{m}" for m in ("query", "value")]
+    for i in (0, 1)
+}
+
+
+def _run(
+    variant: str, seed: int, accuracy: float, flops: list[int], saved: list[int], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "seed": seed,
+        "accuracy": accuracy,
+        "macro_f1": accuracy - 0.1,
+        "step_flops": flops,
+        "step_forward_flops": [f // 2 for f in flops],
+        "step_saved_bytes": saved,
+        "step_state_bytes": [4096] * len(flops),
+        "step_times_s": [f / 10 for f in flops],
+        "wall_time_s": sum(f / 10 for f in flops),
+        "plan": None,
+        "budget_step": None,
+        "budget_accuracy": None,
+        "budget_macro_f1": None,
+        "peak_memory_after_warmup": None,
+        **extra,
+    }
+
+
+def _synthetic() -> dict[str, Any]:
+    """Three seeds of 10 steps: LoRA costs 10 FLOPs and 100 bytes a step, SAFE 5 and 20 from step 2."""
+    runs = []
+    plan = {
+        "units": UNITS,
+        "events": [{"step": 2, "units": ["encoder.layer.0"], "adapters": UNITS["encoder.layer.0"]}],
+    }
+    for seed, (lora_acc, safe_acc, budget_acc) in enumerate(
+        [(0.80, 0.79, 0.70), (0.82, 0.815, 0.72), (0.81, 0.80, 0.71)]
+    ):
+        runs.append(_run("safe", seed, safe_acc, [10, 10] + [5] * 8, [100, 100] + [20] * 8, plan=plan))
+        runs.append(
+            _run(
+                "lora", seed, lora_acc, [10] * 10, [100] * 10,
+                budget_step=6, budget_accuracy=budget_acc, budget_macro_f1=budget_acc - 0.1,
+            )
+        )  # fmt: skip
+    return {
+        "task": {"labels": ["negative", "positive"]},
+        "config": {"warmup_steps": 2, "freeze_end_step": 4, "tau_target": 0.5, "normalization": "rank"},
+        "sizes": {"total_steps": 10},
+        "seeds": [0, 1, 2],
+        "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch_threads": 2, "platform": "p",
+                    "python": "3", "torch": "t"},
+        "command": "python benchmarks/rotten.py --threads 2",
+        "overhead": {"plain_step_s": 0.5, "scored_step_s": 0.51, "overhead": 0.02, "steps": 40},
+        "prefix_costs": [
+            {"frozen": 0, "flops": 10, "forward_flops": 5, "saved_bytes": 100, "step_s": 1.0},
+            {"frozen": 1, "flops": 5, "forward_flops": 5, "saved_bytes": 20, "step_s": 0.5},
+            {"frozen": 2, "flops": 5, "forward_flops": 5, "saved_bytes": 0, "step_s": 0.5},
+        ],
+        "runs": runs,
+    }  # fmt: skip
+
+
+def test_t_quantiles_and_the_paired_interval() -> None:
+    assert report.t975(2) == 4.303
+    assert report.t975(30) == 2.042
+    assert report.t975(200) == pytest.approx(1.972, abs=1e-3)  # the table's tail, by expansion
+    mean, half = report.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert (mean, half) == (2.0, pytest.approx(4.303 / math.sqrt(3)))
+    assert report.paired([0.5], [0.25]) == (0.25, None)  # one seed: no interval
+    with pytest.raises(ValueError, match="one value per seed on both sides, got 2 and 1"):
+        report.paired([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="df >= 1, got df=0"):
+        report.t975(0)
+
+
+def test_targets_from_known_numbers() -> None:
+    data = _synthetic()
+    s = report.per_seed(data)
+    # LoRA stopped at step 6 of 10, where its FLOPs reach SAFE's 60, at its budget accuracy.
+    assert s["lora_budget"]["flops"] == [60.0] * 3
+    assert s["lora_budget"]["stopped_at"] == [6.0] * 3
+    rows = {name: (bar, value, met) for name, bar, value, met in report.targets(data, s)}
+    assert rows["total training FLOPs, SAFE / LoRA"] == ("<= 0.60", 0.6, True)
+    assert rows["bytes saved for backward, time-averaged, SAFE / LoRA"] == (
+        "<= 0.50",
+        pytest.approx(0.36),
+        True,
+    )
+    assert rows["wall time (CPU), SAFE / LoRA"] == ("<= 0.75", pytest.approx(0.6), True)
+    assert rows["accuracy, SAFE - LoRA (points)"] == (">= -1.0", pytest.approx(-0.8333, abs=1e-4), True)
+    assert rows["accuracy, SAFE - LoRA stopped at SAFE's FLOPs (points)"] == (
+        "> 0",
+        pytest.approx(9.1667, abs=1e-4),
+        True,
+    )
+    assert rows["warm-up scoring overhead, share of a LoRA step"] == ("<= 0.03", 0.02, True)
+    # A CUDA run has no wall-time target.
+    data["machine"].update(device="cuda", cuda_device="GPU")
+    assert "wall time (CPU), SAFE / LoRA" not in [r[0] for r in report.targets(data, s)]
+
+
+def test_section_prints_ratios_and_paired_intervals() -> None:
+    page = "\n".join(report.rotten_section(_synthetic(), "Rotten Tomatoes on CPU", main=True))
+    # Paired differences -1.0, -0.5, -1.0 points: mean -0.83, sd 0.289, t(0.975, 2) = 4.303.
+    assert (
+        "| safe | 0.802 ± 0.013 | 0.702 ± 0.013 | -0.8 [-1.6, -0.1] | -0.8 [-1.6, -0.1] | 1.0 of 2 |" in page
+    )
+    assert (
+        "| lora_budget | 0.710 ± 0.010 | 0.610 ± 0.010 | -10.0 [-10.0, -10.0] | -10.0 [-10.0, -10.0] " in page
+    )
+    assert "stopped at step 6 ± 0 of 10 |" in page
+    # FLOPs 60 of 100, saved bytes 36 of 100 on average and 20 of 100 at the end, steps of 0.5 s.
+    assert "| safe | 0.00 | 0.600 | 0.0 | 0.360 | 0.0 | 0.200 | 4 | 4 | 6.0 ± 0.0 | 0.600 | 500.0 |" in page
+    assert "| lora_budget | 0.00 | 0.600 |" in page
+    assert "| total training FLOPs, SAFE / LoRA | <= 0.60 | 0.600 | yes |" in page
+    assert "| accuracy, SAFE - LoRA (points) | >= -1.0 | -0.833 | yes |" in page
+    assert "- Seed 0: SAFE froze 1 of 2 units (layer.0 at step 2); still training: layer.1." in page
+    # The floor: 2 warm-up steps of 10 FLOPs, then 8 steps at the 1-frozen cost of 5: 60 / 100.
+    assert "FLOPs 0.600x LoRA and time-averaged bytes saved for backward 0.360x LoRA" in page
+    assert "lets at most round(0.5 x 2) = 1 of the 2 blocks freeze" in page
+    assert "wall-time ratio is about 0.20 + 0.80 x 0.500 = 0.600 (measured 0.600)" in page
+    assert "Accuracy, SAFE - LoRA per seed (points): -1.0, -0.5, -1.0." in page
+
+
+def test_configs_switch_one_lever_each() -> None:
+    cfgs = rotten.configs(337)
+    safe = cfgs["safe"]
+    assert safe == SAFEConfig.for_run(337)
+    steps = {"warmup_steps": safe.warmup_steps, "freeze_end_step": safe.freeze_end_step}
+    assert cfgs["paper"] == SAFEConfig.paper(**steps)
+    assert dataclasses.replace(safe, order="depth") == cfgs["position"]
+    for name, lever in rotten.ABLATION.items():
+        changed = {
+            f.name
+            for f in dataclasses.fields(SAFEConfig)
+            if getattr(cfgs[name], f.name) != getattr(safe, f.name)
+        }
+        assert changed == set(lever), name
+        assert all(getattr(cfgs["paper"], k) == v for k, v in lever.items())  # the paper's setting
+
+
+def test_variants_are_checked_before_any_work() -> None:
+    with pytest.raises(ValueError, match="add 'safe' to --variants"):
+        rotten.run(rotten.TASK, [0], ["lora", "oracle"], overhead_pairs=1)
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['lora2'\]; expected names from \['safe', "):
+        rotten.run(rotten.TASK, [0], ["lora2"], overhead_pairs=1)
+
+
+@pytest.mark.slow
+def test_smoke_run_and_its_page(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    task = dataclasses.replace(rotten.TASK, **rotten.SMOKE)
+    saved: list[int] = []
+    data = rotten.run(
+        task,
+        [0],
+        list(rotten.VARIANTS),
+        overhead_pairs=1,
+        prefix_timed=1,
+        save=lambda d: saved.append(len(d["runs"])),
+    )
+    assert saved == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # after every run, then once complete
+    data = json.loads(json.dumps(data))  # what the JSON file holds
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert list(runs) == list(rotten.VARIANTS)
+    safe, lora, oracle = runs["safe"], runs["lora"], runs["oracle"]
+    # The oracle replays SAFE's freezes, without scoring.
+    assert [(e["step"], e["units"]) for e in oracle["plan"]["events"]] == [
+        (e["step"], e["units"]) for e in safe["plan"]["events"]
+    ]
+    assert sum(oracle["step_flops"]) <= sum(safe["step_flops"])
+    # LoRA's budget is SAFE's FLOPs: the first step whose cumulative FLOPs reach them.
+    budget = sum(safe["step_flops"])
+    if lora["budget_step"] is not None:
+        assert (
+            sum(lora["step_flops"][: lora["budget_step"]])
+            >= budget
+            > sum(lora["step_flops"][: lora["budget_step"] - 1])
+        )
+    # Position-only freezes a lower prefix of blocks.
+    units = list(runs["position"]["plan"]["units"])
+    frozen = [u for e in runs["position"]["plan"]["events"] for u in e["units"]]
+    assert sorted(frozen, key=units.index) == units[: len(frozen)]
+    assert [r["frozen"] for r in data["prefix_costs"]] == list(range(len(units) + 1))
+    assert data["complete"] and data["sizes"]["total_steps"] == 4
+    page = report.render({"cpu": data}, tmp_path).read_text()
+    for title in (
+        "## Rotten Tomatoes on CPU",
+        "### Targets (CPU)",
+        "## Ablation: one lever at a time",
+        "## Plots",
+    ):
+        assert title in page
+    assert "```bash\npython3 -m nox -s bench\n```" in page
+    for image in ("bench_saved_bytes.png", "bench_timeline.png"):
+        assert (tmp_path / "images" / image).read_bytes()[:4] == b"\x89PNG"
