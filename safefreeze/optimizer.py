@@ -57,13 +57,14 @@ class SAFEOptimizer(Optimizer):
         ...         return self.base(x) + self.lora_up(self.lora_down(x))
         >>> model = nn.Sequential(LoRA(), nn.Tanh(), LoRA())
         >>> inner = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> opt = SAFEOptimizer(inner, model, SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=1.0),
+        >>> config = SAFEConfig.paper(warmup_steps=2, freeze_end_step=2, tau_target=1.0)
+        >>> opt = SAFEOptimizer(inner, model, config,
         ...                     pattern=AdapterPattern(base="base", params=r"lora_(?:down|up)\\..+"))
         >>> for _ in range(3):
         ...     model(torch.randn(16, 8)).square().mean().backward()
         ...     opt.step()
         ...     opt.zero_grad()
-        >>> len(opt.frozen_adapters)  # with tau_target=1.0 all but the top adapter freeze at step 2
+        >>> len(opt.frozen_adapters)  # the paper's rule at tau_target=1.0: all but the top adapter
         1
         >>> opt.plan.events[0].step
         2
