@@ -108,7 +108,15 @@ def paired(values: Sequence[float], base: Sequence[float]) -> tuple[float, float
 def _cut(run: dict[str, Any], steps: int) -> dict[str, Any]:
     """The run as if it had stopped after ``steps`` steps (its budget evaluation as result)."""
     out = dict(run)
-    for key in ("step_flops", "step_forward_flops", "step_saved_bytes", "step_state_bytes", "step_times_s"):
+    for key in (
+        "step_flops",
+        "step_forward_flops",
+        "step_saved_bytes",
+        "step_state_bytes",
+        "step_times_s",
+        "step_counted",
+        "step_peak_memory",
+    ):
         out[key] = list(run.get(key) or [])[:steps]
     out.update(
         variant="lora_budget",
@@ -131,9 +139,28 @@ def frozen_units(run: dict[str, Any]) -> tuple[list[str], list[str]]:
     return [u for u in units if u in frozen], [u for u in units if u not in frozen]
 
 
-def figures(run: dict[str, Any]) -> dict[str, float]:
-    """What one run achieved and cost."""
+def train_time(run: dict[str, Any]) -> float:
+    """Seconds of the run's training steps, each counted step timed as the next uncounted one.
+
+    A step that meets a new situation (batch shape, scoring, frozen set) runs once under the
+    FLOP and saved-tensor counters, which slow it down; a run without counters would not pay
+    that, so its time is replaced by the time of the next step that ran without them (the
+    previous one at the end). Runs recorded without ``step_counted`` keep their raw sum.
+    """
+    times, counted = run.get("step_times_s") or [], run.get("step_counted") or []
+    if len(counted) != len(times) or all(counted):
+        return float(run["wall_time_s"])
+    plain = [i for i, c in enumerate(counted) if not c]
+    total = 0.0
+    for i, (t, c) in enumerate(zip(times, counted, strict=True)):
+        total += times[next((k for k in plain if k > i), plain[-1])] if c else t
+    return total
+
+
+def figures(run: dict[str, Any], ramp_end: int = 0) -> dict[str, float]:
+    """What one run achieved and cost; ``ramp_end`` is the step from which the late peak counts."""
     times = run.get("step_times_s") or [0.0]
+    peaks = run.get("step_peak_memory") or []
     frozen, training = frozen_units(run)
     return {
         "accuracy": run["accuracy"],
@@ -143,9 +170,11 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
         "final_saved_bytes": float(run["step_saved_bytes"][-1]),
         "state_bytes": statistics.fmean(run["step_state_bytes"]),
         "final_state_bytes": float(run["step_state_bytes"][-1]),
-        "wall_time": run["wall_time_s"],
+        "wall_time": train_time(run),
+        "raw_wall_time": run["wall_time_s"],
         "step_time": statistics.median(times),
         "peak": float(run["peak_memory_after_warmup"] or "nan"),
+        "late_peak": float(max(peaks[ramp_end:], default="nan")),
         "frozen": float(len(frozen)),
         "units": float(len(frozen) + len(training)),
         "steps": float(len(run["step_flops"])),
@@ -162,7 +191,8 @@ def per_seed(data: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for variant, runs in by.items():
         seeds = [s for s in data["seeds"] if s in runs]
-        rows = [figures(runs[s]) for s in seeds]
+        ramp_end = data.get("config", {}).get("freeze_end_step", 0)
+        rows = [figures(runs[s], ramp_end) for s in seeds]
         out[variant] = {k: [r[k] for r in rows] for k in rows[0]}
         out[variant]["seed"] = [float(s) for s in seeds]
         if variant == "lora_budget":
@@ -332,7 +362,9 @@ def _definitions(data: dict[str, Any]) -> list[str]:
         "backward (`torch.autograd.graph.saved_tensors_hooks`, distinct storages, parameters",
         'excluded) are counted, so they do not depend on the machine; times do. "After the last',
         "freeze\" is the last step's figure. Wall time sums the training steps (evaluation and model",
-        "loading excluded); the first step of each new frozen set runs under the counters.",
+        "loading excluded), with each step that ran under the counters (the first of each new",
+        "situation: scoring, frozen set) timed as the next step that did not; the JSON keeps the raw",
+        "times (`wall_time_s`, `step_times_s`, `step_counted`).",
         "",
     ]
     return lines
@@ -408,7 +440,7 @@ def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]
         "| x LoRA | median step ms |"
     )
     if cuda:
-        head += " x LoRA | peak memory after warm-up MiB | x LoRA |"
+        head += " x LoRA | peak memory after warm-up MiB | x LoRA | peak after the ramp MiB | x LoRA |"
     lines += [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for v in rows:
         r = s[v]
@@ -422,19 +454,21 @@ def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]
             f"| {1000 * mean['step_time']:.1f} |"
         )
         if cuda:
-            peak = (
-                "— | —"
-                if math.isnan(mean["peak"])
-                else f"{mean['peak'] / MIB:.0f} | {ratio(s, v, 'peak'):.3f}"
-            )
-            line += f" {ratio(s, v, 'step_time'):.3f} | {peak} |"
+            peaks = [
+                "— | —" if math.isnan(mean[k]) else f"{mean[k] / MIB:.0f} | {ratio(s, v, k):.3f}"
+                for k in ("peak", "late_peak")
+            ]
+            line += f" {ratio(s, v, 'step_time'):.3f} | {' | '.join(peaks)} |"
         lines.append(line)
     if cuda:
         lines += [
             "",
-            "Peak memory is `torch.cuda.max_memory_allocated` from the end of SAFE's warm-up (step "
-            f"{data['config']['warmup_steps']}) to the end of the run, for LoRA as for SAFE: model, "
-            "optimizer state and activations together.",
+            "Peak memory is the highest `torch.cuda.max_memory_allocated` of the training steps from "
+            f"the end of SAFE's warm-up (step {data['config']['warmup_steps']}) on, for LoRA as for SAFE: "
+            "model, optimizer state, gradients and activations together. Blocks freeze during the ramp "
+            "that follows, so that peak is set by its first, unfrozen steps; the peak after the ramp "
+            f"(steps {data['config']['freeze_end_step']} on) is what a run pays once its blocks are "
+            "frozen.",
         ]
     if "overhead" in data:
         o = data["overhead"]
@@ -471,21 +505,38 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
     warmup = cfg["warmup_steps"]
     lora = next(r for r in data["runs"] if r["variant"] == "lora")
     safes = [r for r in data["runs"] if r["variant"] == "safe"]
-    lora_saved_mean = statistics.fmean(lora["step_saved_bytes"])
     lines: list[str] = []
+    loras = {r["seed"]: r for r in data["runs"] if r["variant"] == "lora"}
     for run in safes:
         plan = run["plan"]
         label = _labels(plan)
         steps = {u: e["step"] for e in plan["events"] for u in e["units"]}
         frozen, training = frozen_units(run)
-        lines.append(
+        scores = plan.get("scores", {}).get("normalized") or {}
+        text = (
             f"- Seed {run['seed']}: SAFE froze {len(frozen)} of {len(plan['units'])} units "
             f"({', '.join(f'{label[u]} at step {steps[u]}' for u in frozen) or 'none'}); still training: "
-            f"{', '.join(label[u] for u in training) or 'none'}. Its FLOPs were "
-            f"{sum(run['step_flops']) / sum(lora['step_flops']):.3f}x and its time-averaged bytes saved for "
-            f"backward {statistics.fmean(run['step_saved_bytes']) / lora_saved_mean:.3f}x "
-            "LoRA's (same seed)."
+            f"{', '.join(label[u] for u in training) or 'none'}."
         )
+        if scores and all(scores.get(u) is not None for u in plan["units"]):
+            text += " Normalized scores in model order: " + ", ".join(
+                f"{label[u]} {scores[u]:.2f}" for u in plan["units"]
+            )
+            stop = next((u for u in plan["units"] if scores[u] >= cfg["tau_target"]), None)
+            if cfg["order"] == "prefix" and stop is not None:
+                text += (
+                    f"; the frozen prefix can never pass {label[stop]}, the lowest unit scoring at or above "
+                    f"`tau_target` = {cfg['tau_target']}"
+                )
+            text += "."
+        base = loras.get(run["seed"])
+        if base is not None:
+            saved = statistics.fmean(run["step_saved_bytes"]) / statistics.fmean(base["step_saved_bytes"])
+            text += (
+                f" Its FLOPs were {sum(run['step_flops']) / sum(base['step_flops']):.3f}x and its "
+                f"time-averaged bytes saved for backward {saved:.3f}x LoRA's on the same seed."
+            )
+        lines.append(text)
     lines.append("")
     lora_step, lora_fwd = lora["step_flops"][0], (lora.get("step_forward_flops") or [0])[0]
     if lora_fwd:

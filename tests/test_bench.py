@@ -107,6 +107,20 @@ def test_t_quantiles_and_the_paired_interval() -> None:
         report.t975(0)
 
 
+def test_counted_steps_are_timed_as_the_next_plain_step() -> None:
+    run = {
+        "wall_time_s": 11.0,
+        "step_times_s": [5.0, 1.0, 1.0, 3.0, 1.0],
+        "step_counted": [True, False, False, True, False],
+    }
+    assert report.train_time(run) == 5.0
+    run = {"wall_time_s": 5.0, "step_times_s": [1.0, 4.0], "step_counted": [False, True]}
+    assert report.train_time(run) == 2.0  # the last step borrows the one before
+    assert (
+        report.train_time({"wall_time_s": 7.5, "step_times_s": [7.5]}) == 7.5
+    )  # recorded before step_counted
+
+
 def test_targets_from_known_numbers() -> None:
     data = _synthetic()
     s = report.per_seed(data)
@@ -203,6 +217,9 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
         (e["step"], e["units"]) for e in safe["plan"]["events"]
     ]
     assert sum(oracle["step_flops"]) <= sum(safe["step_flops"])
+    # Plain LoRA meets one situation (one batch shape): only its first step runs under the counters.
+    assert lora["step_counted"] == [True, False, False, False]
+    assert lora["step_peak_memory"] == [] and lora["peak_memory_after_warmup"] is None  # CPU
     # LoRA's budget is SAFE's FLOPs: the first step whose cumulative FLOPs reach them.
     budget = sum(safe["step_flops"])
     if lora["budget_step"] is not None:

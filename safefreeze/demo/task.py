@@ -99,10 +99,15 @@ class RunResult:
     budget_macro_f1: float | None = None
     # Per step wall time in seconds (synchronized on CUDA).
     step_times_s: list[float] = dataclasses.field(default_factory=list)
-    # CUDA only: peak memory allocated from ``peak_from_step`` on (SAFE: the end of the warm-up).
+    # CUDA only: peak memory allocated by the training steps from ``peak_from_step`` on (SAFE:
+    # the end of the warm-up); the highest of ``step_peak_memory`` from that step.
     peak_memory_after_warmup: int | None = None
     # Per optimizer step: FLOPs of the forward pass alone (a part of ``step_flops``).
     step_forward_flops: list[int] = dataclasses.field(default_factory=list)
+    # Per optimizer step: whether it ran under the cost counters (slower; its time includes them).
+    step_counted: list[bool] = dataclasses.field(default_factory=list)
+    # CUDA only, per optimizer step: peak memory allocated during the step (the step's own peak).
+    step_peak_memory: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def total_flops(self) -> int:
@@ -300,22 +305,24 @@ def train(
             setup(safe)
     seen: dict[tuple[Any, ...], StepCosts] = {}
     flops, forward, saved, state, times = [], [], [], [], []
+    counted: list[bool] = []
+    step_peaks: list[int] = []
     budget: tuple[int, float, float] | None = None
     if peak_from_step is None and safe is not None:
         peak_from_step = safe.controller.config.warmup_steps
     peak = None
     cuda = device.type == "cuda"
     for step, batch in enumerate(batches(train_data, task, seed)):
-        if cuda and step == (peak_from_step or 0):
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
+        if cuda:  # each step's own peak; the peak from a step on is the max of these
+            torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         key = (
             tuple(batch["input_ids"].shape),
             safe is not None and safe.controller.scoring,
             tuple(safe.frozen_adapters) if safe is not None else (),
         )
+        counted.append(key not in seen)
         if key in seen:
             loss = model(**batch).loss
             loss.backward()
@@ -328,6 +335,8 @@ def train(
         schedule.step()
         _sync(device)
         times.append(time.perf_counter() - started)
+        if cuda:
+            step_peaks.append(torch.cuda.max_memory_allocated(device))
         flops.append(costs.flops)
         forward.append(costs.forward_flops)
         saved.append(costs.saved_bytes)
@@ -337,7 +346,7 @@ def train(
         if progress is not None:
             progress(step + 1, total, float(loss.detach()))
     if cuda:
-        peak = torch.cuda.max_memory_allocated(device) if (peak_from_step or 0) < total else None
+        peak = max(step_peaks[peak_from_step or 0 :], default=None)
     wall = sum(times)
     accuracy, f1 = evaluate(model, test_data)
     if not math.isfinite(accuracy):
@@ -358,6 +367,8 @@ def train(
         step_times_s=times,
         peak_memory_after_warmup=peak,
         step_forward_flops=forward,
+        step_counted=counted,
+        step_peak_memory=step_peaks,
     )
 
 
