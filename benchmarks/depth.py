@@ -17,7 +17,7 @@ head (``SentenceClassifier``).
    a few more steps are timed (median); on CUDA the peak allocated memory is read over
    those steps, after a reset that follows the counted (warm-up) step.
 2. A short real run on the full 30-layer model: plain LoRA vs ``SAFEOptimizer`` with the
-   default rule (``SAFEConfig(warmup_steps=10% of the steps, freeze_end_step=30%)``),
+   default rule and schedule (``SAFEConfig.for_run(steps)``),
    one seed, the same data order, accuracy and macro-F1 on a fixed test subset. Each
    step's costs are counted the first time its situation (scoring or not, what is frozen)
    occurs and reused for later steps of the same situation.
@@ -380,12 +380,12 @@ def train_run(
     seed: int,
     device: str,
     config: SAFEConfig | None = None,
+    peak_from: int = 0,
 ) -> dict[str, Any]:
     """Fine-tune for ``steps`` steps (SAFE if ``config``), counting costs once per situation.
 
     Step times leave out the counted steps (the counters slow them). On CUDA the peak
-    memory is read from step ``reset_at`` on: SAFE's warm-up end, or the same step for
-    plain LoRA.
+    memory is read from step ``peak_from`` on (pass SAFE's warm-up length to both variants).
     """
     model.to(device).train()
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
@@ -395,13 +395,13 @@ def train_run(
         optimizer = safe
     steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
     task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
-    reset_at = max(1, round(0.1 * steps)) if config is None else config.warmup_steps
+    reset_at = peak_from
     cuda = device.startswith("cuda")
     seen: dict[tuple[Any, ...], Any] = {}
     flops, saved, state, times, losses = [], [], [], [], []
     start = time.perf_counter()
     for step, batch in enumerate(itertools.islice(batches(train_data, task, seed), steps)):
-        if cuda and step == reset_at:
+        if cuda and step == reset_at:  # step 0: before anything ran
             _sync(device)
             torch.cuda.reset_peak_memory_stats()
         batch = to(batch, device)
@@ -454,8 +454,22 @@ def train_run(
         ]
         result["frozen_blocks"] = sorted({block_index(name) for name in safe.frozen_adapters})
         result["config"] = config.to_dict() if config is not None else None
+        plan = safe.plan
+        result["block_scores"] = [
+            {
+                "block": block_index(unit),
+                "raw": _finite(plan.raw_scores.get(unit, math.nan)),
+                "normalized": _finite(plan.normalized_scores.get(unit, math.nan)),
+            }
+            for unit in plan.units
+        ]
         safe.close()
     return result
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None where it is NaN or infinite (JSON has no NaN)."""
+    return value if math.isfinite(value) else None
 
 
 # ---- the page ----------------------------------------------------------------------------
@@ -599,13 +613,20 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         spec = results["run"]
         safe, lora = run["safe"], run["lora"]
         best = frozen_share(spec["layers"], spec["config"]["tau_target"])
-        out.append(
-            f"In the {spec['steps']}-step run SAFE froze the lowest {safe['prefix']} of {spec['layers']} "
-            f"blocks (best case {best}); its steady step costs "
-            f"{safe['steady_flops'] / lora['steady_flops']:.2f}x LoRA's FLOPs and "
-            f"{safe['steady_saved_bytes'] / lora['steady_saved_bytes']:.2f}x its saved activations, "
-            f"{safe['total_flops'] / lora['total_flops']:.2f}x its FLOPs over the whole run."
-        )
+        if not spec["variants"]["safe"]["frozen_blocks"]:
+            out.append(
+                f"In the real {spec['steps']}-step run at N = {spec['layers']} SAFE froze nothing (best "
+                f"case {best} blocks): the lowest block scored among the highest, so the prefix rule "
+                "never started, and the run cost what plain LoRA costs (see below)."
+            )
+        else:
+            out.append(
+                f"In the {spec['steps']}-step run SAFE froze the lowest {safe['prefix']} of "
+                f"{spec['layers']} blocks (best case {best}); its steady step costs "
+                f"{safe['steady_flops'] / lora['steady_flops']:.2f}x LoRA's FLOPs and "
+                f"{safe['steady_saved_bytes'] / lora['steady_saved_bytes']:.2f}x its saved activations, "
+                f"{safe['total_flops'] / lora['total_flops']:.2f}x its FLOPs over the whole run."
+            )
     return out
 
 
@@ -769,8 +790,9 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"One seed ({run['seed']}), {run['steps']} steps of batch {s['batch_size']} x {s['max_length']} "
         f"tokens ({run['steps'] * s['batch_size']} snippets, a small part of one epoch over "
         f"{run['train_size']}), on `{results['meta']['device']}`. Plain LoRA against "
-        f"`SAFEOptimizer(AdamW, model, SAFEConfig(warmup_steps={config['warmup_steps']}, "
-        f"freeze_end_step={config['freeze_end_step']}))`, every other field at its default "
+        f"`SAFEOptimizer(AdamW, model, SAFEConfig.for_run({run['steps']}))` (warm-up "
+        f"{config['warmup_steps']} steps, threshold ramp to step {config['freeze_end_step']}), every "
+        "other field at its default "
         f"(`order={config['order']!r}`, `normalization={config['normalization']!r}`, "
         f"`tau_target={config['tau_target']}`, `merge={config.get('merge')}`). Both runs see the "
         "same data in the same order and start from the same weights. Accuracy and macro-F1 are "
@@ -806,11 +828,48 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         lines.append("None: nothing froze.")
     prefix = summary["run"]["safe"]["prefix"]
     best = frozen_share(run["layers"], config["tau_target"])
-    lines += [
-        "",
-        f"At the end blocks {_blocks(safe['frozen_blocks'])} were frozen: a lower prefix of "
-        f"{prefix} of {run['layers']} blocks, against the best case of {best} modelled in the depth table.",
-    ]
+    if safe["frozen_blocks"]:
+        ending = (
+            f"At the end blocks {_blocks(safe['frozen_blocks'])} were frozen: a lower prefix of {prefix} "
+            f"of {run['layers']} blocks, against the best case of {best} modelled in the depth table."
+        )
+    else:
+        gap = max(abs(a - b) for a, b in zip(lora["step_loss"], safe["step_loss"], strict=True))
+        ending = (
+            f"Nothing was frozen at the end, against the best case of {best} blocks modelled in the depth "
+            "table. With nothing frozen SAFE trained as plain LoRA did (scoring never touches the "
+            f"global random generator): step losses within {gap:.0e} of LoRA's, the same counted work "
+            "after the warm-up, "
+            + (
+                "the same accuracy"
+                if lora["accuracy"] == safe["accuracy"]
+                else f"accuracy {safe['accuracy']:.3f} against {lora['accuracy']:.3f}"
+            )
+            + "; the difference in their wall times is this machine's noise."
+        )
+    lines += ["", ending]
+    scores = [b for b in safe.get("block_scores", []) if b["normalized"] is not None]
+    if scores:
+        tau = config["tau_target"]
+        lines += [
+            "",
+            f"Block scores after the warm-up (`optimizer.plan.normalized_scores`: the share of blocks "
+            f"scoring lower; a block freezes once its score is below the threshold, which reaches {tau}, "
+            "and every block below it has frozen):",
+            "",
+            "| block | " + " | ".join(str(b["block"]) for b in scores) + " |",
+            "|" + " --- |" * (len(scores) + 1),
+            "| score | " + " | ".join(f"{b['normalized']:.2f}" for b in scores) + " |",
+        ]
+        blocker = next((b for b in scores if b["block"] == prefix), None)
+        if blocker is not None and blocker["normalized"] >= tau:
+            lowest = sorted(scores, key=lambda b: b["normalized"])[:best]
+            lines += [
+                "",
+                f"Block {prefix} scored {blocker['normalized']:.2f}, at or above the final threshold {tau}, "
+                f"so the prefix stopped there. The {best} blocks the threshold would let freeze, the "
+                f"lowest-scoring ones, are {_blocks([b['block'] for b in lowest])}.",
+            ]
     return lines
 
 
@@ -826,7 +885,8 @@ def _attached_section(results: dict[str, Any], other: dict[str, Any]) -> list[st
             if meta.get("random_init")
             else ""
         )
-        + f". Same settings and SAFE steady state as the depth table. Step time: median of "
+        + f"; added here with `{COMMAND} --attach depth_cuda.json`. Same settings and SAFE steady state "
+        "as the depth table. Step time: median of "
         f"{other['settings']['timed_steps']} steps; peak: `torch.cuda.max_memory_allocated()` over those "
         "steps, after `torch.cuda.reset_peak_memory_stats()` right after the counted (warm-up) step; it "
         "includes the float32 weights.",
@@ -1007,8 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     run = None
     if args.steps > 0:
         layers = config.num_hidden_layers
-        warmup = max(1, round(0.1 * args.steps))
-        safe_config = SAFEConfig(warmup_steps=warmup, freeze_end_step=max(warmup, round(0.3 * args.steps)))
+        safe_config = SAFEConfig.for_run(args.steps)
         eval_data = subset(data["test"], args.eval_size)
         every = max(1, data["test"]["labels"].shape[0] // args.eval_size)
         variants = {}
@@ -1025,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 args.device,
                 cfg,
+                peak_from=safe_config.warmup_steps,
             )
             timings[f"run_{name}"] = time.perf_counter() - tick
             print(f"  accuracy {variants[name]['accuracy']:.3f}, macro-F1 {variants[name]['macro_f1']:.3f}")

@@ -333,7 +333,7 @@ def _results() -> dict[str, Any]:
         ],
         "frozen_blocks": [0, 1, 2, 3, 4],
     }
-    config = SAFEConfig(warmup_steps=1, freeze_end_step=3).to_dict()
+    config = SAFEConfig(warmup_steps=1, freeze_end_step=3, tau_target=0.8).to_dict()
     machine = {
         "platform": "Linux",
         "processor": "x86_64",
@@ -410,6 +410,21 @@ def test_render_notices_when_safe_keeps_what_a_shallower_lora_keeps() -> None:
     page = depth.render(results)
     assert "SAFE at N = 30 keeps exactly the activations of plain LoRA at N = 6 (60.0 MiB)" in page
     assert "peak MiB" not in page  # no CUDA figures from a CPU run
+
+
+def test_render_shows_the_block_scores_and_where_the_prefix_stopped() -> None:
+    results = _results()
+    safe = results["run"]["variants"]["safe"]
+    scores = [0.98, *(i / 30 for i in range(29))]  # block 0 scores highest, the rest rise with depth
+    safe.update(events=[], frozen_blocks=[])
+    safe["block_scores"] = [{"block": i, "raw": 1e-6, "normalized": v} for i, v in enumerate(scores)]
+    page = depth.render(results)
+    assert "| score | 0.98 | 0.00 | 0.03 |" in page
+    assert "None: nothing froze." in page
+    assert (
+        "Block 0 scored 0.98, at or above the final threshold 0.8, so the prefix stopped there. "
+        "The 24 blocks the threshold would let freeze, the lowest-scoring ones, are 1-24."
+    ) in page
 
 
 def test_from_json_and_attach_render_the_page(tmp_path: Path) -> None:
