@@ -139,22 +139,28 @@ def frozen_units(run: dict[str, Any]) -> tuple[list[str], list[str]]:
     return [u for u in units if u in frozen], [u for u in units if u not in frozen]
 
 
-def train_time(run: dict[str, Any]) -> float:
-    """Seconds of the run's training steps, each counted step timed as the next uncounted one.
+def plain_times(run: dict[str, Any]) -> list[float]:
+    """The run's step seconds, each counted step timed as the next uncounted one.
 
     A step that meets a new situation (batch shape, scoring, frozen set) runs once under the
     FLOP and saved-tensor counters, which slow it down; a run without counters would not pay
     that, so its time is replaced by the time of the next step that ran without them (the
-    previous one at the end). Runs recorded without ``step_counted`` keep their raw sum.
+    previous one at the end). Runs recorded without ``step_counted`` keep their raw times.
     """
-    times, counted = run.get("step_times_s") or [], run.get("step_counted") or []
+    times, counted = list(run.get("step_times_s") or []), run.get("step_counted") or []
     if len(counted) != len(times) or all(counted):
-        return float(run["wall_time_s"])
+        return times
     plain = [i for i, c in enumerate(counted) if not c]
-    total = 0.0
-    for i, (t, c) in enumerate(zip(times, counted, strict=True)):
-        total += times[next((k for k in plain if k > i), plain[-1])] if c else t
-    return total
+    return [
+        times[next((k for k in plain if k > i), plain[-1])] if c else t
+        for i, (t, c) in enumerate(zip(times, counted, strict=True))
+    ]
+
+
+def train_time(run: dict[str, Any]) -> float:
+    """Seconds of the run's training steps, counted steps timed as by :func:`plain_times`."""
+    times = plain_times(run)
+    return float(sum(times)) if times else float(run["wall_time_s"])
 
 
 def figures(run: dict[str, Any], ramp_end: int = 0) -> dict[str, float]:
@@ -589,26 +595,11 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
         ]
         if floor_flops > 0.60:
             lines.append(
-                f"So the 0.60x FLOPs target is out of reach while the top block trains: even its floor is "
-                f"{floor_flops:.3f}x, because the forward pass "
+                f"So the 0.60x FLOPs target is out of reach while the top {units - allowed} block(s) train: "
+                f"even the floor is {floor_flops:.3f}x, because the forward pass "
                 f"({base['forward_flops'] / base['flops']:.0%} of a LoRA step) is paid on every step."
             )
-    last = [max([e["step"] for e in r["plan"]["events"]] or [0]) for r in safes]
-    after = [
-        statistics.median(r["step_times_s"][step:] or [math.nan]) for r, step in zip(safes, last, strict=True)
-    ]
-    lora_median = statistics.median(lora["step_times_s"]) if lora.get("step_times_s") else math.nan
-    if lora.get("step_times_s") and not any(math.isnan(a) for a in after):
-        share = statistics.fmean(last) / total
-        steady = statistics.fmean(after) / lora_median
-        lines += [
-            "",
-            f"Time: after its last freeze (step {statistics.fmean(last):.0f} on average, {share:.0%} of the "
-            f"run) a SAFE step takes a median {1000 * statistics.fmean(after):.0f} ms against LoRA's "
-            f"{1000 * lora_median:.0f} ms ({steady:.3f}x). The steps before it cost about a LoRA step, so "
-            f"the wall-time ratio is about {share:.2f} + {1 - share:.2f} x {steady:.3f} = "
-            f"{share + (1 - share) * steady:.3f} (measured {ratio(s, 'safe', 'wall_time'):.3f}).",
-        ]
+    lines += ["", *time_phases(data, s)]
     acc = [100 * (a - b) for a, b in zip(s["safe"]["accuracy"], s["lora"]["accuracy"], strict=True)]
     lines += [
         "",
@@ -625,6 +616,49 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
             f"{ratio(s, 'safe', 'flops'):.3f}x, {ratio(s, 'safe', 'saved_bytes'):.3f}x and "
             f"{statistics.fmean(safe['accuracy']):.3f}.",
         ]
+    return lines
+
+
+def time_phases(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Where SAFE's time goes against LoRA's: the warm-up, the ramp to its last freeze, the rest."""
+    warmup, total = data["config"]["warmup_steps"], data["sizes"]["total_steps"]
+    loras = {r["seed"]: r for r in data["runs"] if r["variant"] == "lora"}
+    pairs = [(r, loras[r["seed"]]) for r in data["runs"] if r["variant"] == "safe" and r["seed"] in loras]
+    if not pairs or not all(r.get("step_times_s") and b.get("step_times_s") for r, b in pairs):
+        return []
+    last = round(
+        statistics.fmean(max([e["step"] for e in r["plan"]["events"]] or [warmup]) for r, _ in pairs)
+    )
+    last = min(max(last, warmup), total)
+    phases = [
+        ("warm-up, scored", 0, warmup),
+        ("ramp, up to the last freeze", warmup, last),
+        ("after the last freeze", last, total),
+    ]
+    lines = [
+        "Where the time goes (training-step seconds, mean over seeds; the last freeze is at step "
+        f"{last} on average):",
+        "",
+        "| phase | steps | SAFE s | LoRA s | SAFE / LoRA |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, start, stop in phases:
+        if stop <= start:
+            continue
+        mine = statistics.fmean(sum(plain_times(r)[start:stop]) for r, _ in pairs)
+        theirs = statistics.fmean(sum(plain_times(b)[start:stop]) for _, b in pairs)
+        lines.append(f"| {name} | {start}-{stop - 1} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.3f} |")
+    lines += ["", f"The whole run: {ratio(s, 'safe', 'wall_time'):.3f}x LoRA."]
+    if "oracle" in s:
+        lines[-1] += (
+            f" The oracle, the same freezes at the same steps without the warm-up scoring, takes "
+            f"{ratio(s, 'oracle', 'wall_time'):.3f}x: the difference is the cost of scoring"
+        )
+        if "overhead" in data:
+            lines[-1] += (
+                f" ({data['overhead']['overhead']:+.0%} per warm-up step in the interleaved measurement)"
+            )
+        lines[-1] += "."
     return lines
 
 

@@ -166,7 +166,10 @@ def test_section_prints_ratios_and_paired_intervals() -> None:
     # The floor: 2 warm-up steps of 10 FLOPs, then 8 steps at the 1-frozen cost of 5: 60 / 100.
     assert "FLOPs 0.600x LoRA and time-averaged bytes saved for backward 0.360x LoRA" in page
     assert "lets at most round(0.5 x 2) = 1 of the 2 blocks freeze" in page
-    assert "wall-time ratio is about 0.20 + 0.80 x 0.500 = 0.600 (measured 0.600)" in page
+    # Time by phase: the warm-up costs as much as LoRA's, the 8 steps after the freeze half.
+    assert "| warm-up, scored | 0-1 | 2.0 | 2.0 | 1.000 |" in page
+    assert "| after the last freeze | 2-9 | 4.0 | 8.0 | 0.500 |" in page
+    assert "ramp, up to" not in page  # the last freeze ends the warm-up: no ramp phase
     assert "Accuracy, SAFE - LoRA per seed (points): -1.0, -0.5, -1.0." in page
 
 
