@@ -416,6 +416,12 @@ def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]
         "",
         f"Machine: {_machine(data['machine'])}. Seeds {data['seeds']}."
         + (
+            " Several runs shared the machine at once (the command starts them in the background), so "
+            "times carry their contention; counted figures and each process's peak memory do not."
+            if " & " in data["command"]
+            else ""
+        )
+        + (
             ""
             if data.get("complete", True)
             else " **Incomplete run: the figures cover the runs finished so far.**"
