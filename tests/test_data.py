@@ -83,7 +83,7 @@ def test_encode_takes_the_labels_as_negative_and_positive(splits: tuple[Split, S
     from safefreeze.demo import DEMO_TASK
     from safefreeze.demo.task import encode
 
-    task = dataclasses.replace(DEMO_TASK, labels=("negative", "positive"), max_length=16)
+    task = dataclasses.replace(DEMO_TASK, max_length=16)  # the demo's labels: negative, positive
     data = encode(splits[1], task)
     assert data["input_ids"].shape == (2000, 16)
     assert data["labels"].bincount().tolist() == [863, 1137]

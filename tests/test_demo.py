@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import pickle
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,12 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from safefreeze.demo import DEMO_TASK, demo_config, run_demo
+from safefreeze import SAFEConfig
+from safefreeze.demo import DEMO_TASK, DemoResult, majority_baseline, summary
 from safefreeze.demo.data import LABELS, load_drug_reviews
-from safefreeze.demo.task import build_model, encode
+from safefreeze.demo.task import Output, TaskConfig, build_model, encode, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = dataclasses.replace(DEMO_TASK, epochs=1, limit=48, max_length=32, batch_size=8)
+# The demo's task cut to 8 steps of 8 snippets of 16 tokens, tested on 64 snippets.
+SMOKE = dataclasses.replace(DEMO_TASK, train_size=None, limit=64, max_length=16, batch_size=8)
+# A seed whose two-step warm-up lets the lowest blocks freeze in SMOKE (most seeds freeze none).
+SMOKE_SEED = 1
 
 
 def test_drug_reviews_load_from_the_installed_package() -> None:
@@ -33,7 +40,7 @@ def test_drug_reviews_load_from_the_installed_package() -> None:
 
 def test_encode_keeps_only_the_task_labels() -> None:
     train, _ = load_drug_reviews()
-    task = dataclasses.replace(DEMO_TASK, labels=("negative", "positive"), max_length=16)
+    task = TaskConfig(labels=("negative", "positive"), max_length=16)
     data = encode(train, task)
     assert data["input_ids"].shape == (546, 16)
     assert data["labels"].bincount().tolist() == [161, 385]
@@ -57,53 +64,276 @@ def test_the_model_is_pretrained_minilm_with_lora_on_query_and_value() -> None:
     assert torch.equal(encoder.embeddings.word_embeddings.weight, weights[key])
 
 
-def test_demo_trains_tracks_and_reports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_demo_task_is_rotten_tomatoes_sized_for_minutes() -> None:
+    assert (DEMO_TASK.dataset, DEMO_TASK.labels) == ("rotten_tomatoes", ("negative", "positive"))
+    assert (DEMO_TASK.epochs, DEMO_TASK.batch_size, DEMO_TASK.max_length) == (1, 32, 48)
+    assert (DEMO_TASK.lr, DEMO_TASK.schedule, DEMO_TASK.train_size) == (1e-3, "linear", 4800)
+    assert DEMO_TASK.steps(4800) == 150
+
+
+def test_majority_baseline_scores_as_a_constant_model_does() -> None:
+    train, test = DEMO_TASK.load()
+    task = dataclasses.replace(DEMO_TASK, max_length=4)
+    train_labels, test_data = encode(train, task)["labels"], encode(test, task)
+    assert train_labels.bincount().argmax() == 1  # fresh snippets are the majority
+
+    class Constant(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Output:
+            return Output(logits=torch.tensor([0.0, 1.0]).expand(input_ids.shape[0], 2), loss=None)
+
+    assert majority_baseline(train_labels, test_data["labels"], 2) == evaluate(Constant(), test_data)
+    assert majority_baseline(train_labels, test_data["labels"], 2)[0] == 1137 / 2000
+    with pytest.raises(ValueError, match="needs labels on both sides, got 0 training and 3 test labels"):
+        majority_baseline(torch.tensor([], dtype=torch.long), torch.tensor([0, 1, 1]), 2)
+
+
+@dataclasses.dataclass
+class Smoke:
+    """A tiny demo run in a fresh process, as a user's shell would see it."""
+
+    result: DemoResult
+    out: str
+    err: str
+    cwd: Path
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
+    cwd = tmp_path_factory.mktemp("demo")
+    code = (
+        "import pickle\n"
+        "from safefreeze.demo import run_demo\n"
+        "from safefreeze.demo.task import TaskConfig\n"
+        f"result = run_demo({SMOKE!r}, seed={SMOKE_SEED})\n"
+        "with open('result.pkl', 'wb') as f:\n"
+        "    pickle.dump(result, f)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # Bytes, not text: text mode would turn the bars' carriage returns into newlines.
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, timeout=600, check=False
+    )
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, err[-3000:]
+    result = pickle.loads((cwd / "result.pkl").read_bytes())
+    return Smoke(result, out, err, cwd)
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Was it worth it?"))
+    assert re.split(r"\s{2,}", lines[start + 1].strip()) == ["majority", "LoRA", "SAFE", "SAFE/LoRA"]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        name, *cells = re.split(r"\s{2,}", line.strip())
+        rows[name] = cells
+    return rows
+
+
+# Printed units -> their scale.
+UNITS = {"": 1, "s": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+UNITS |= {f"{p}FLOP": 10**e for p, e in (("", 0), ("M", 6), ("G", 9), ("T", 12), ("P", 15))}
+
+
+def _matches(cell: str, value: float) -> bool:
+    """Whether ``cell`` is ``value`` as printed: right to the last digit shown."""
+    number, _, unit = cell.partition(" ")
+    decimals = len(number.partition(".")[2])
+    scale = float(UNITS[unit])
+    return abs(float(number) * scale - value) <= 0.5 * 10.0**-decimals * scale * 1.0001
+
+
+def test_the_table_shows_both_runs_and_their_ratios(smoke: Smoke) -> None:
+    result = smoke.result
+    lora, safe = result.lora, result.safe
+    steps = SMOKE.steps(64)
+    assert len(lora.step_flops) == len(safe.step_flops) == steps == 8
+    assert result.config == SAFEConfig.for_run(8)
+    assert (result.train_snippets, result.train_split, result.test_snippets) == (64, 10808, 64)
+    rows = _table(smoke.out)
+    figures = {
+        "test accuracy": (lora.accuracy, safe.accuracy, result.majority[0]),
+        "test macro-F1": (lora.macro_f1, safe.macro_f1, result.majority[1]),
+        "training FLOPs": (sum(lora.step_flops), sum(safe.step_flops), None),
+        "saved for backward, mean per step": (
+            sum(lora.step_saved_bytes) / steps,
+            sum(safe.step_saved_bytes) / steps,
+            None,
+        ),
+        "optimizer state, final": (lora.step_state_bytes[-1], safe.step_state_bytes[-1], None),
+        "training wall time": (sum(lora.step_times_s), sum(safe.step_times_s), None),
+    }
+    assert list(rows) == list(figures)
+    for name, (a, b, base) in figures.items():
+        majority, cell_a, cell_b, ratio = rows[name]
+        assert _matches(cell_a, a) and _matches(cell_b, b), (name, rows[name])
+        assert _matches(ratio, b / a), (name, ratio)
+        assert majority == "-" if base is None else _matches(majority, base)
+    # SAFE saved something real: smaller optimizer state, fewer FLOPs and saved bytes.
+    assert safe.step_state_bytes[-1] < lora.step_state_bytes[-1]
+    assert sum(safe.step_flops) < sum(lora.step_flops)
+    assert sum(safe.step_saved_bytes) < sum(lora.step_saved_bytes)
+
+
+def test_it_lists_what_froze_when_what_still_trains_and_the_merge(smoke: Smoke) -> None:
+    result, out = smoke.result, smoke.out
+    plan = result.safe.plan
+    assert plan is not None and plan.events, "SMOKE_SEED no longer freezes a block: pick one that does"
+    blocks = [f"layer.{i}" for i in range(6)]
+    assert list(plan.units) == [f"encoder.base_model.model.encoder.{b}" for b in blocks]
+    frozen = plan.unit_freeze_steps
+    frozen_adapters = sorted(a for u in frozen for a in plan.units[u])
+    assert sorted(result.merged) == frozen_adapters  # every frozen adapter was merged
+    assert (
+        f"SAFE froze {len(frozen)} of 6 blocks and merged their {len(frozen_adapters)} LoRA adapters" in out
+    )
+    for event in plan.events:
+        names = ", ".join(
+            f"layer.{u.rsplit('.', 1)[1]} ({event.normalized_scores[u]:.2f})" for u in event.units
+        )
+        assert f"  step {event.step}  {names}\n" in out
+    training = [b for u, b in zip(plan.units, blocks, strict=True) if u not in frozen]
+    assert f"  still training: {', '.join(training)} and the classifier head\n" in out
+    # The prefix rule: the frozen blocks are the lowest ones.
+    assert [b for u, b in zip(plan.units, blocks, strict=True) if u in frozen] == blocks[: len(frozen)]
+
+
+def test_it_says_why_a_saving_is_small(smoke: Smoke) -> None:
+    result = smoke.result
+    plan = result.safe.plan
+    assert plan is not None
+    lowest = next(u for u in plan.units if u not in plan.unit_freeze_steps)
+    block = f"layer.{lowest.rsplit('.', 1)[1]}"
+    why = [line for line in smoke.out.splitlines() if line.startswith("why: ")]
+    small = max(
+        sum(result.safe.step_flops) / sum(result.lora.step_flops),
+        sum(result.safe.step_saved_bytes) / sum(result.lora.step_saved_bytes),
+    )
+    assert len(why) == (small > 0.5)
+    text = summary(result)
+    assert text in smoke.out
+    first = min(plan.unit_freeze_steps.values())
+    line = (
+        f"why: backprop still reaches {block}, the lowest trainable block: activations and backward "
+        f"work are saved only below it, and only from step {first} of 8 on"
+    )
+    score, threshold = plan.normalized_scores[lowest], plan.threshold_at(8)
+    if score >= threshold:  # the prefix stopped below a block that scored high
+        line += f"; {block} scored {score:.2f}, not below the threshold {threshold:.2f}, "
+        line += "so the prefix stopped there"
+    # Large savings need no explanation; a run where nothing froze says so.
+    cheap = dataclasses.replace(
+        result.safe,
+        step_flops=[f // 4 for f in result.lora.step_flops],
+        step_saved_bytes=[b // 4 for b in result.lora.step_saved_bytes],
+    )
+    assert "why:" not in summary(dataclasses.replace(result, safe=cheap))
+    idle = dataclasses.replace(result.safe, plan=dataclasses.replace(plan, events=[]))
+    text = summary(
+        dataclasses.replace(result, safe=dataclasses.replace(idle, step_flops=result.lora.step_flops))
+    )
+    assert "SAFE froze none of the 6 blocks.\n" in text
+    assert (
+        "still training: layer.0, layer.1, layer.2, layer.3, layer.4, layer.5 and the classifier head" in text
+    )
+    assert "why: nothing froze, so SAFE cost what LoRA costs, plus scoring in the warm-up" in text
+    if small > 0.5:
+        assert why == [line]
+
+
+def test_both_runs_are_in_one_mlflow_experiment_with_their_metrics(smoke: Smoke) -> None:
     import mlflow
 
+    result = smoke.result
+    client = mlflow.MlflowClient(f"sqlite:///{smoke.cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("safefreeze-demo")
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["minilm-rotten_tomatoes-lora", "minilm-rotten_tomatoes-safe"]
+    losses = {}
+    for variant, run in (("lora", result.lora), ("safe", result.safe)):
+        logged = runs[f"minilm-rotten_tomatoes-{variant}"]
+        assert logged.info.run_id == result.run_ids[variant]
+        assert logged.info.status == "FINISHED"
+        history = client.get_metric_history(logged.info.run_id, "loss")
+        assert [m.step for m in history] == list(range(1, 9))
+        losses[variant] = [m.value for m in history]
+        metrics = {k: v for k, v in logged.data.metrics.items() if not k.startswith("safefreeze/")}
+        assert metrics == {
+            "loss": losses[variant][-1],
+            "test_accuracy": run.accuracy,
+            "test_macro_f1": run.macro_f1,
+            "training_flops": float(run.total_flops),
+            "saved_bytes_mean": run.mean_saved_bytes,
+            "optimizer_state_bytes": float(run.step_state_bytes[-1]),
+            "wall_time_s": run.wall_time_s,
+        }
+        assert logged.data.params["task.dataset"] == "rotten_tomatoes"
+        assert logged.data.params["variant"] == variant
+    # Same seed, weights and first batch: the runs part only once SAFE freezes.
+    assert losses["lora"][0] == losses["safe"][0]
+    safe = runs["minilm-rotten_tomatoes-safe"]
+    assert safe.data.tags["safefreeze.plan"] == "true"
+    assert safe.data.params["safefreeze.order"] == "prefix"
+    assert safe.data.metrics["safefreeze/frozen_adapters"] == len(result.merged)
+    artifacts = {a.path for a in client.list_artifacts(safe.info.run_id, "safefreeze")}
+    assert artifacts == {"safefreeze/plan.json", "safefreeze/freeze_timeline.png"}
+    assert "safefreeze.plan" not in runs["minilm-rotten_tomatoes-lora"].data.tags
+
+
+def test_the_printed_commands_open_the_runs(smoke: Smoke) -> None:
+    ui = re.search(r"browse both runs: +(\S*mlflow) ui --backend-store-uri sqlite:///(\S+)\n", smoke.out)
+    assert ui is not None and shutil.which(ui[1]) is not None
+    assert Path(ui[2]).samefile(smoke.cwd / "mlflow.db")
+    show = re.search(
+        r"SAFE's freeze plan: +(\S*safefreeze plan show runs:/(\w+) --tracking-uri \S+)\n", smoke.out
+    )
+    assert show is not None and show[2] == smoke.result.run_ids["safe"]
+    done = subprocess.run(
+        shlex.split(show[1]), cwd=smoke.cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"plan: runs:/{show[2]} ")
+    assert "encoder.base_model.model.encoder.layer.0" in done.stdout
+
+
+def test_the_output_is_two_bars_and_no_library_noise(smoke: Smoke) -> None:
+    # Each bar redraws itself with \r and ends with one \n; nested bars would move the cursor.
+    assert "\x1b[" not in smoke.err
+    lora, safe = smoke.err.split("\n")[:2]
+    assert smoke.err.count("\n") == 2
+    assert all(p.startswith("LoRA: ") and "frozen" not in p for p in lora.split("\r") if p)
+    assert all(p.startswith("SAFE: ") for p in safe.split("\r") if p)
+    frozen = len(smoke.result.safe.plan.unit_freeze_steps)  # type: ignore[union-attr]
+    assert re.search(rf"\| 8/8 \[[^]]*, loss \d\.\d{{3}}, frozen {frozen}/6 blocks\]$", safe)
+    assert re.search(r"loss \d\.\d{3}\]$", lora)
+    assert "INFO" not in smoke.out and "Loading weights" not in smoke.out
+
+
+def test_demo_command_without_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import safefreeze.demo
     from safefreeze.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = io.StringIO()
-    result = run_demo(SMOKE, out=out)
-    text = out.getvalue()
-    steps = 48 // 8
-    config = demo_config(steps)
-    assert (config.warmup_steps, config.freeze_end_step) == (2, 6)
-    assert len(result.step_flops) == steps
-    assert result.plan is not None and result.plan.scored_at == 2
-    for words in ("test accuracy", "adapters frozen", "training FLOPs (SAFE / LoRA)", "saved for backward"):
-        assert words in text
-    # The embedded MLflow store in the working directory holds the run, its plan and scores.
-    assert (tmp_path / "mlflow.db").exists()
-    client = mlflow.MlflowClient("sqlite:///mlflow.db")
-    experiment = client.get_experiment_by_name("safefreeze-demo")
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.data.metrics["test_accuracy"] == pytest.approx(result.accuracy)
-    assert run.data.tags["safefreeze.plan"] == "true"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "safefreeze")}
-    assert artifacts == {"safefreeze/plan.json", "safefreeze/freeze_timeline.png"}
-    # It prints working commands for the run, with the tools of the environment it runs in.
-    ui = re.search(r"(\S*mlflow) ui --backend-store-uri sqlite:///(\S+)", text)
-    assert ui is not None and shutil.which(ui[1]) is not None
-    assert Path(ui[2]).samefile(tmp_path / "mlflow.db")
-    show = re.search(r"(\S*safefreeze) plan show (runs:/\S+ .*)", text)
-    assert show is not None and shutil.which(show[1]) is not None
-    assert show[2].startswith(f"runs:/{run.info.run_id} ")
-    capsys.readouterr()
-    assert main(["plan", "show", *show[2].split()]) == 0
-    assert run.info.run_id in capsys.readouterr().out
-
-
-def test_demo_command_without_mlflow(capsys: pytest.CaptureFixture[str]) -> None:
-    from safefreeze.cli import main
-
-    assert main(["demo", "--epochs", "1", "--limit", "32", "--order", "depth", "--no-mlflow"]) == 0
-    captured = capsys.readouterr().out
-    assert "SAFE on MiniLM-L6 / drug reviews" in captured
-    assert "MLflow run" not in captured
+    monkeypatch.setattr(safefreeze.demo, "DEMO_TASK", SMOKE)  # what the command starts from
+    assert main(["demo", "--limit", "16", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "  training: the first 16 of 10,808 snippets, 1 epoch = 2 steps of 8, 16 tokens" in out
+    assert "Was it worth it? Rotten Tomatoes, 16 test snippets" in out
+    assert "MLflow" not in out and not (tmp_path / "mlflow.db").exists()
+    # Too few snippets for one batch, and a bad count, are one-line errors.
+    assert main(["demo", "--limit", "4", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "safefreeze: error: the demo needs at least one batch: 4 training snippets, batch_size=8; "
+        "raise train_size or limit\n"
+    )
+    assert main(["demo", "--train-size", "0"]) == 2
+    assert "argument --train-size: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_demo_without_the_hf_extra_names_it(tmp_path: Path) -> None:
@@ -155,3 +385,23 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert "| target | bar | measured | met |" in page
     assert (tmp_path / "docs" / "images" / "bench_saved_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "docs" / "images" / "bench_timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_that_fails_is_ended_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    import safefreeze.demo
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(safefreeze.demo, "train", broken)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        safefreeze.demo.run_demo(dataclasses.replace(SMOKE, limit=16), out=io.StringIO())
+    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    experiment = client.get_experiment_by_name("safefreeze-demo")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert (run.info.run_name, run.info.status) == ("minilm-rotten_tomatoes-lora", "FAILED")
