@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,14 +35,14 @@ def mergeable(site: nn.Module) -> bool:
         and callable(getattr(site, "get_base_layer", None))
     ):
         return False
-    params = list(site.get_base_layer().parameters())
+    params = list(_base(site).parameters())
     return bool(params) and all(p.dtype in _EXACT for p in params)
 
 
 def base_digest(site: nn.Module) -> str:
     """SHA-256 over the base layer's parameter names, dtypes, shapes and values."""
     digest = hashlib.sha256()
-    for name, param in site.get_base_layer().named_parameters():
+    for name, param in _base(site).named_parameters():
         value = param.detach().to("cpu").contiguous()
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.view(torch.uint8).numpy().tobytes())
@@ -51,14 +52,15 @@ def base_digest(site: nn.Module) -> str:
 def merge(site: nn.Module, adapters: Sequence[str]) -> tuple[str, str]:
     """Merge ``adapters`` of ``site`` into its base weights; return the digests before and after."""
     before = base_digest(site)
+    layer: Any = site  # a PEFT layer: its merge is not typed on nn.Module
     with torch.no_grad():
-        site.merge(adapter_names=list(adapters))
+        layer.merge(adapter_names=list(adapters))
     return before, base_digest(site)
 
 
 def mark_merged(site: nn.Module, adapters: Sequence[str]) -> None:
     """Record ``adapters`` as merged without touching the weights (they already hold the merge)."""
-    merged: list[str] = site.merged_adapters
+    merged: list[str] = getattr(site, "merged_adapters")  # noqa: B009  # PEFT's list, not typed on nn.Module
     merged.extend(a for a in adapters if a not in merged)
 
 
@@ -77,3 +79,9 @@ def check_merged(site: nn.Module, digests: tuple[str, str]) -> bool:
         "its base weights are neither the ones the adapter was merged into nor the merged ones; "
         "load the model's weights from the same checkpoint (or the same pretrained model) first"
     )
+
+
+def _base(site: nn.Module) -> nn.Module:
+    """The PEFT layer's base layer (``get_base_layer`` is not typed on ``nn.Module``)."""
+    base: nn.Module = getattr(site, "get_base_layer")()  # noqa: B009
+    return base
