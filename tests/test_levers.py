@@ -128,7 +128,7 @@ def test_max_normalization_does_not_control_the_count_as_rank_does() -> None:
     # One dominant score: under max nearly every unit is below any threshold.
     raw = {"a": 1.0, "b": 0.01, "c": 0.02, "d": 0.015}
     assert len(select_to_freeze(normalize_scores(raw, "max"), 0.3)) == 3
-    assert len(select_to_freeze(normalize_scores(raw, "rank"), 0.3)) == 2
+    assert len(select_to_freeze(normalize_scores(raw, "rank"), 0.3)) == 1  # 0.3 * 4 = 1.2
 
 
 # ---- the prefix rule ------------------------------------------------------------------------
