@@ -39,6 +39,8 @@ class ScoreRecorder:
         self.accumulator = accumulator
         self.enabled = True
         self._mask: torch.Tensor | None = None
+        # The mask's flat nonzero indices, found once per forward: finding them waits for the device.
+        self._unmasked: torch.Tensor | None = None
         # pair index -> (rows drawn, base rows (n, Dx)) of the forward in flight
         self._pending: dict[int, tuple[RowDraw, torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = [
@@ -64,7 +66,7 @@ class ScoreRecorder:
             handle.remove()
         self._handles.clear()
         self._pending.clear()
-        self._mask = None
+        self._mask = self._unmasked = None
 
     def _recording(self, module: nn.Module) -> bool:
         return self.enabled and module.training and torch.is_grad_enabled()
@@ -72,15 +74,18 @@ class ScoreRecorder:
     def _on_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         self._mask = mask.detach().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._unmasked = None
+        if self._mask is not None and self._recording(module):
+            self._unmasked = self._mask.reshape(-1).nonzero().squeeze(1)
 
     def _capture(self, index: int, module: nn.Module, value: Any) -> None:
         x = _first_tensor(value)
         if x is None or x.dim() < 2 or not self._recording(module):
             return
-        mask = self._mask
+        mask, unmasked = self._mask, self._unmasked
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
-            mask = None
-        draw = self.accumulator.draw(tuple(x.shape), mask)
+            mask = unmasked = None
+        draw = self.accumulator.draw(tuple(x.shape), mask, unmasked)
         self._pending[index] = (draw, draw.take(x))
 
     def _on_base(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

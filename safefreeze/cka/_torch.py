@@ -93,6 +93,7 @@ def draw_rows(
     mask: _TensorLike | None,
     max_rows: int | None,
     generator: torch.Generator,
+    unmasked: torch.Tensor | None = None,
 ) -> RowDraw:
     """Draw the rows of an output of ``shape`` (..., D) that one minibatch reads.
 
@@ -101,6 +102,8 @@ def draw_rows(
         mask: Bool of shape ``shape[:-1]``, True for real tokens, or None.
         max_rows: Draw at most this many of the unmasked rows; None keeps all.
         generator: Draws the subsample; the global RNG is never used.
+        unmasked: ``mask.reshape(-1).nonzero().squeeze(1)``, when the caller has it: finding
+            the unmasked rows waits for the device, so hooks find them once per forward.
 
     Raises:
         ValueError: If the mask is not bool of shape ``shape[:-1]``.
@@ -114,7 +117,7 @@ def draw_rows(
     else:
         m = torch.as_tensor(mask)
         check_mask_shape(tuple(m.shape), shape, m.dtype == torch.bool)
-        rows = m.reshape(-1).nonzero().squeeze(1)  # (n_valid,)
+        rows = m.reshape(-1).nonzero().squeeze(1) if unmasked is None else unmasked  # (n_valid,)
         padding = n - rows.shape[0]
     if max_rows is not None and rows.shape[0] > max_rows:
         keep = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:max_rows]
@@ -182,6 +185,14 @@ def _center(x: torch.Tensor, *, rescale: bool = True) -> tuple[torch.Tensor, tor
     return xc, torch.linalg.norm(xc) <= tol * torch.linalg.norm(x)
 
 
+def _center_rows(x: torch.Tensor, weight: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_center` over the rows with ``weight`` 1 (``n`` of them); the others stay zero."""
+    mean = x.sum(dim=0) / n.clamp_min(1.0)  # (D,)
+    xc = (x - mean) * weight
+    tol = constant_tolerance(1, torch.finfo(x.dtype).eps) * n.clamp_min(1.0).sqrt()
+    return xc, torch.linalg.norm(xc) <= tol * torch.linalg.norm(x)
+
+
 def _cross_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``||a' b||_F^2 == tr(A B)`` for ``A = a a'``, ``B = b b'``, via the smaller product."""
     n = a.shape[0]
@@ -197,13 +208,16 @@ def _hsic_biased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([_cross_sq(x, y), _cross_sq(x, x), _cross_sq(y, y)])
 
 
-def _hsic_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _hsic_unbiased(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | int | None = None) -> torch.Tensor:
     """(3,) unbiased HSIC(K, L), HSIC(K, K), HSIC(L, L) for ``K = x x'``, ``L = y y'``.
 
     Song et al. 2012's estimator computed from features, never forming ``(N, N)`` Gram
-    matrices unless they are the smaller product, so memory stays O(N D).
+    matrices unless they are the smaller product, so memory stays O(N D). ``n`` is the
+    number of rows (default: all); rows that are all zeros beyond it add nothing to any
+    sum, so zeroed rows with ``n`` their count estimate over the other rows alone.
     """
-    n = x.shape[0]
+    if n is None:
+        n = x.shape[0]
     kd = x.square().sum(dim=1)  # (N,) diagonal of K
     ld = y.square().sum(dim=1)  # (N,) diagonal of L
     k1 = x @ x.sum(dim=0) - kd  # (N,) row sums of K with its diagonal zeroed
@@ -379,13 +393,16 @@ class CKAAccumulator:
         xr, yr, draw = _sample(x, y, mask, self.max_rows, self.generator)
         self.add(index, xr, yr, padding=draw.padding)
 
-    def draw(self, shape: tuple[int, ...], mask: _TensorLike | None = None) -> RowDraw:
+    def draw(
+        self, shape: tuple[int, ...], mask: _TensorLike | None = None, unmasked: torch.Tensor | None = None
+    ) -> RowDraw:
         """Draw the rows of an output of ``shape`` that the next :meth:`add` reads.
 
         The forward hooks draw when the base output appears and copy only those rows, so
         an adapter that later writes into its base output in place changes nothing read.
+        ``unmasked`` is the mask's flat nonzero indices when the caller has them already.
         """
-        return draw_rows(shape, mask, self.max_rows, self.generator)
+        return draw_rows(shape, mask, self.max_rows, self.generator, unmasked)
 
     def add(self, index: int, x: torch.Tensor, y: torch.Tensor, *, padding: int = 0) -> None:
         """Add drawn rows ``x`` (n, Dx) and ``y`` (n, Dy) of adapter ``index`` as one minibatch.
@@ -403,22 +420,31 @@ class CKAAccumulator:
         check_row_shapes(tuple(x.shape), tuple(y.shape))
         row = self.stats[index]  # (NUM_STATS,) view: in-place adds update stats
         row[STAT_ROWS_PADDING] += padding
-        x, y, nonfinite = _finite_rows(x.to(self.stats.device), y.to(self.stats.device))
-        row[STAT_ROWS_NONFINITE] += nonfinite
-        n = x.shape[0]
-        if n < MIN_ROWS_UNBIASED:
+        # Rows with NaN/Inf are zeroed and weighted out rather than dropped, and every count
+        # stays a tensor: nothing here waits for the device.
+        x, y = x.to(self.stats.device, self.dtype), y.to(self.stats.device, self.dtype)
+        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)  # (n,)
+        weight = finite.to(self.dtype)[:, None]  # (n, 1)
+        x = torch.where(finite[:, None], x, 0.0)
+        y = torch.where(finite[:, None], y, 0.0)
+        n = weight.sum()  # finite rows, a 0-dim tensor
+        row[STAT_ROWS_NONFINITE] += x.shape[0] - n
+        if x.shape[0] < MIN_ROWS_UNBIASED:  # known without the device: too few rows drawn
             row[STAT_ROWS_SHORT] += n
             return
-        x, y = _coarse_scale(x.to(self.dtype), y.to(self.dtype))
-        xc, x_constant = _center(x, rescale=False)
-        yc, y_constant = _center(y, rescale=False)
+        x, y = _coarse_scale(x, y)
+        xc, x_constant = _center_rows(x, weight, n)
+        yc, y_constant = _center_rows(y, weight, n)
         # The estimator ignores centering; centering only cuts cancellation error. A
         # constant side is snapped to exact zeros so rounding noise never scores.
         xc = xc.masked_fill(x_constant, 0.0)
         yc = yc.masked_fill(y_constant, 0.0)
-        row[STAT_KL : STAT_LL + 1] += _hsic_unbiased(xc, yc).to(row)
-        row[STAT_BATCHES] += 1
-        row[STAT_ROWS_USED] += n
+        enough = n >= MIN_ROWS_UNBIASED
+        terms = _hsic_unbiased(xc, yc, n.clamp_min(MIN_ROWS_UNBIASED))
+        row[STAT_KL : STAT_LL + 1] += torch.where(enough, terms, 0.0).to(row)
+        row[STAT_BATCHES] += enough.to(row.dtype)
+        row[STAT_ROWS_USED] += torch.where(enough, n, 0.0).to(row.dtype)
+        row[STAT_ROWS_SHORT] += torch.where(enough, 0.0, n).to(row.dtype)
 
     def undefined_reason(self, index: int) -> str | None:
         """Why adapter ``index`` has no CKA value, in words; None when it has one."""
