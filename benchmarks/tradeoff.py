@@ -128,7 +128,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "limit": args.limit,
             }
             base["lora_flops"] = full
-            jobs += [{**base, "variant": "lora", "tau": None, "budget": b, "schedule": None} for b in BUDGETS]
+            jobs += [
+                {**base, "variant": "lora", "tau": None, "budget": b, "schedule": None} for b in args.budgets
+            ]
             for warmup, end in args.schedules:
                 jobs += [
                     {
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[(0.1, 0.3)],
         help="warm-up end / ramp end as shares of the run, e.g. 0.1/0.3",
+    )
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", default=list(BUDGETS), help="LoRA FLOPs shares to evaluate at"
     )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
