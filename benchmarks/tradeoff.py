@@ -7,7 +7,7 @@ budgets, and writes ``benchmarks/results/tradeoff_<device>.json``; ``--docs`` re
 table into ``docs/tradeoff.md``.
 
     python benchmarks/tradeoff.py --device cuda --workers 6
-    python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_cuda.json
+    python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md
 """
 
 from __future__ import annotations
@@ -234,53 +234,58 @@ TASK_NAMES = {
 }
 
 
-def render(data: dict[str, Any]) -> str:
-    """The Markdown page: one table per task, LoRA stopped early next to SAFE's shares."""
-    lines = [
-        "# Trading savings for accuracy: `tau_target`",
-        "",
-        "With rank normalization (the default), `tau_target` is the share of freeze units (transformer",
-        "blocks) that may freeze: `tau_target * blocks`, rounded. The prefix rule freezes them from the",
-        "bottom up and stops at the first block that scores at or above the threshold, so fewer may",
-        "freeze when the scores say a low block matters. Each row below is the default config with",
-        "another `tau_target` and schedule (warm-up end / ramp end as shares of the run), 3 seeds,",
-        "next to plain LoRA and to the same LoRA runs evaluated when their FLOPs reached a share of a",
-        "full run's (training less).",
-        "",
-        "Reproduce with:",
-        "",
-        "```bash",
-        data["command"],
-        "```",
-        "",
-        f"Machine: {data['machine']['platform']}, {data['machine']['cpus']} CPUs, device "
-        f"{data['machine']['device']}"
-        + (f" ({data['machine']['device_name']})" if data["machine"].get("device_name") else "")
-        + ". Runs went in parallel processes, so no times are reported; FLOPs and bytes saved for",
-        "backward are counted, so they do not depend on the machine.",
-    ]
-    rows = summarize(data)
-    for name in dict.fromkeys(r["task"] for r in rows):
-        lines += [
-            "",
-            f"## {TASK_NAMES.get(name, name)}",
-            "",
-            "| run | blocks frozen (of 6) | accuracy | paired Δ accuracy vs LoRA (points) | macro-F1 "
-            "| FLOPs x LoRA | saved for backward x LoRA |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in (r for r in rows if r["task"] == name):
-            if r["variant"].startswith("safe_"):
-                schedule = r["variant"].split("_w", 1)[1].replace("_f", " / ")
-                label = f"SAFE tau_target {r['tau']}, schedule {schedule}"
-                frozen, delta = f"{r['frozen']:.1f}", f"{r['delta']:+.2f}"
-            else:
-                label, frozen, delta = r["variant"].replace("lora", "LoRA"), "", ""
-            lines.append(
-                f"| {label} | {frozen} | {r['accuracy']:.4f} | {delta} | {r['macro_f1']:.4f} | "
-                f"{r['flops']:.3f} | {r['saved']:.3f} |"
-            )
-    return "\n".join(lines) + "\n"
+INTRO = """# Trading savings for accuracy: `tau_target`
+
+With rank normalization (the default), `tau_target` is the share of freeze units (transformer
+blocks) that may freeze: `tau_target * blocks`, rounded. The prefix rule freezes them from the
+bottom up and stops at the first block that scores at or above the threshold, so fewer may
+freeze when the scores say a low block matters. Each SAFE row is the default config with the
+`tau_target` and schedule shown (warm-up end / ramp end as shares of the run), 3 seeds, next
+to plain LoRA and to the same LoRA runs evaluated when their FLOPs reached a share of a full
+run's (training less). Runs went in parallel processes, so no times are reported; FLOPs and
+bytes saved for backward are counted, so they do not depend on the machine.
+
+Rebuild this page from the saved results with
+`python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md`.
+"""
+
+
+def render(datasets: list[dict[str, Any]]) -> str:
+    """The Markdown page: per results file its command and machine, then a table per task."""
+    lines = [INTRO]
+    for data in datasets:
+        machine = data["machine"]
+        name = machine.get("device_name")
+        rows = summarize(data)
+        for task in dict.fromkeys(r["task"] for r in rows):
+            lines += [
+                f"## {TASK_NAMES.get(task, task)}, device {machine['device']}",
+                "",
+                "```bash",
+                data["command"],
+                "```",
+                "",
+                f"Machine: {machine['platform']}, {machine['cpus']} CPUs"
+                + (f", {name}" if name else "")
+                + ".",
+                "",
+                "| run | blocks frozen (of 6) | accuracy | paired Δ accuracy vs LoRA (points) | macro-F1 "
+                "| FLOPs x LoRA | saved for backward x LoRA |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in (r for r in rows if r["task"] == task):
+                if r["variant"].startswith("safe_"):
+                    schedule = r["variant"].split("_w", 1)[1].replace("_f", " / ")
+                    label = f"SAFE tau_target {r['tau']}, schedule {schedule}"
+                    frozen, delta = f"{r['frozen']:.1f}", f"{r['delta']:+.2f}"
+                else:
+                    label, frozen, delta = r["variant"].replace("lora", "LoRA"), "", ""
+                lines.append(
+                    f"| {label} | {frozen} | {r['accuracy']:.4f} | {delta} | {r['macro_f1']:.4f} | "
+                    f"{r['flops']:.3f} | {r['saved']:.3f} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,20 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="examples per split (smoke runs)")
     parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--from-json", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, help="render saved results")
     parser.add_argument("--docs", type=Path, default=None, help="write the Markdown page here")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        data = json.loads(args.from_json.read_text())
+        datasets = [json.loads(path.read_text()) for path in args.from_json]
     else:
-        data = run(args)
+        datasets = [run(args)]
         out = args.results or ROOT / "benchmarks" / "results" / f"tradeoff_{args.device}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=1))
-    for row in summarize(data):
-        print(json.dumps(row))
+        out.write_text(json.dumps(datasets[0], indent=1))
+    for data in datasets:
+        for row in summarize(data):
+            print(json.dumps(row))
     if args.docs is not None:
-        args.docs.write_text(render(data), encoding="utf-8")
+        args.docs.write_text(render(datasets), encoding="utf-8")
     return 0
 
 
