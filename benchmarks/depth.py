@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -53,6 +52,7 @@ from torch import nn
 from safefreeze import SAFEConfig, SAFEOptimizer, find_adapter_pairs
 from safefreeze.demo.data import LABELS, Split, load_rotten_tomatoes
 from safefreeze.demo.task import SentenceClassifier, TaskConfig, batches, evaluate
+from safefreeze.demo.task import machine as task_machine
 from safefreeze.measure import measure_step, optimizer_state_bytes
 from safefreeze.merge import merge as merge_site
 from safefreeze.merge import mergeable
@@ -935,18 +935,9 @@ def machine(device: str) -> dict[str, Any]:
     import peft
     import transformers
 
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
+    info = {**task_machine(device), "transformers": transformers.__version__, "peft": peft.__version__}
+    if "cuda_device" in info:
+        info["gpu"] = info.pop("cuda_device")
     return info
 
 

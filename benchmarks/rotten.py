@@ -37,6 +37,7 @@ import torch
 
 from safefreeze import SAFEConfig, SAFEOptimizer
 from safefreeze.demo.task import (
+    ROTTEN_TOMATOES,
     RunResult,
     TaskConfig,
     build_model,
@@ -51,15 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The benchmark's task: one epoch of 337 steps over the 10,808 training snippets.
-TASK = TaskConfig(
-    dataset="rotten_tomatoes",
-    labels=("negative", "positive"),
-    epochs=1,
-    batch_size=32,
-    max_length=48,
-    lr=1e-3,
-    schedule="linear",
-)
+TASK = ROTTEN_TOMATOES
 # --smoke: 4 steps of 8 snippets of 16 tokens, 32 test snippets.
 SMOKE = {"limit": 32, "batch_size": 8, "max_length": 16}
 # The main variants, in the order a seed runs them (SAFE first: LoRA's budget is its FLOPs).

@@ -33,8 +33,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -48,7 +46,7 @@ import torch
 from safefreeze import SAFEConfig, SAFEOptimizer, find_adapter_pairs
 from safefreeze.cka import CKAAccumulator
 from safefreeze.demo.data import LABELS, load_drug_reviews, load_rotten_tomatoes
-from safefreeze.demo.task import TaskConfig, batches, build_model, encode
+from safefreeze.demo.task import TaskConfig, batches, build_model, encode, machine
 from safefreeze.hooks import ScoreRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -675,17 +673,6 @@ def _short(name: str) -> str:
 
 
 # ---- main --------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def default_warmups(steps_per_epoch: int) -> tuple[int, int, int, list[int]]:

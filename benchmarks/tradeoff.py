@@ -33,19 +33,11 @@ SEEDS = (0, 1, 2)
 
 
 def tasks() -> dict[str, Any]:
-    from safefreeze.demo.task import TaskConfig
+    from safefreeze.demo.task import ROTTEN_TOMATOES, TaskConfig
 
     binary = ("negative", "positive")
     return {
-        "rotten_tomatoes": TaskConfig(
-            dataset="rotten_tomatoes",
-            labels=binary,
-            epochs=1,
-            batch_size=32,
-            max_length=48,
-            lr=1e-3,
-            schedule="linear",
-        ),
+        "rotten_tomatoes": ROTTEN_TOMATOES,
         "drugreview": TaskConfig(
             labels=binary, epochs=5, batch_size=16, max_length=128, lr=2e-3, schedule="linear"
         ),

@@ -369,8 +369,8 @@ class FreezeController:
         """Merge the sites of ``adapters`` whose adapters are now all frozen (``config.merge``)."""
         if not self.config.merge:
             return
-        frozen = self.plan.adapter_freeze_steps
-        for site in dict.fromkeys(p.site for p in self.pairs if p.name in set(adapters)):
+        frozen, named = self.plan.adapter_freeze_steps, set(adapters)
+        for site in dict.fromkeys(p.site for p in self.pairs if p.name in named):
             names = self._mergeable(site, frozen)
             if names is not None:
                 self._merged[site] = _merge.merge(self.model.get_submodule(site), names)

@@ -31,7 +31,7 @@ import torch
 
 from safefreeze._optional import require
 from safefreeze.config import SAFEConfig
-from safefreeze.demo.task import RunResult, TaskConfig, encode, train
+from safefreeze.demo.task import ROTTEN_TOMATOES, RunResult, TaskConfig, encode, train
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import FreezePlan
 from safefreeze.plots import short_names
@@ -50,16 +50,7 @@ __all__ = [
 # four minutes on two CPU cores: there a LoRA step took 0.48 s, a SAFE step with three frozen
 # blocks 0.36 s, an evaluation of the whole test split (2,000 snippets) about 10 LoRA steps,
 # and the whole command 161 s.
-DEMO_TASK = TaskConfig(
-    dataset="rotten_tomatoes",
-    labels=("negative", "positive"),
-    epochs=1,
-    batch_size=32,
-    max_length=48,
-    lr=1e-3,
-    schedule="linear",
-    train_size=4800,
-)
+DEMO_TASK = dataclasses.replace(ROTTEN_TOMATOES, train_size=4800)
 # The MLflow experiment that holds the demo's runs.
 EXPERIMENT = "safefreeze-demo"
 # What the demo imports from the `hf` extra (tqdm comes with transformers).

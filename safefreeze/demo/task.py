@@ -123,6 +123,20 @@ class RunResult:
         return data
 
 
+# Rotten Tomatoes, rotten (negative) versus fresh (positive): one epoch of batches of 32
+# snippets of 48 tokens, the learning rate decaying linearly to zero. The benchmark, the demo
+# and the trade-off runs start from it.
+ROTTEN_TOMATOES = TaskConfig(
+    dataset="rotten_tomatoes",
+    labels=("negative", "positive"),
+    epochs=1,
+    batch_size=32,
+    max_length=48,
+    lr=1e-3,
+    schedule="linear",
+)
+
+
 def model_path() -> str:
     """Directory of the pretrained MiniLM-L6 inside the installed model package."""
     try:
