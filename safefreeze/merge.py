@@ -5,9 +5,10 @@ saved for its backward. Merging it (``W <- W + scale * B A``) removes both and l
 ``save_pretrained`` and ``merge_and_unload`` correct: PEFT records the adapter as merged.
 
 Only sites that expose PEFT's layer API (``merge``, ``merged_adapters``, ``get_base_layer``)
-and whose base weights are float32 or float64 are merged: rounding the small update into a
-float16, bfloat16 or quantized weight would change the model, so those adapters stay
-unmerged (still frozen).
+and whose base weights are plain float32 or float64 tensors are merged: rounding the small
+update into a float16, bfloat16 or quantized weight would change the model, and a sharded
+weight (FSDP2's DTensor) holds only this rank's shard, so those adapters stay unmerged (still
+frozen).
 
 A merge changes the base weights, so a checkpoint records a digest of them before and after
 each merge; on resume, :func:`check_merged` tells whether the model's weights are the merged
@@ -25,6 +26,8 @@ from torch import nn
 
 # Float types whose rounding cannot swallow a LoRA update.
 _EXACT = (torch.float32, torch.float64)
+# Plain tensors only: a tensor subclass (a DTensor shard, a quantized weight) is left unmerged.
+_PLAIN = (torch.Tensor,)
 
 
 def mergeable(site: nn.Module) -> bool:
@@ -36,7 +39,8 @@ def mergeable(site: nn.Module) -> bool:
     ):
         return False
     params = list(_base(site).parameters())
-    return bool(params) and all(p.dtype in _EXACT for p in params)
+    # A sharded (FSDP2 DTensor) weight holds one shard per rank: no merge of the full update.
+    return bool(params) and all(p.dtype in _EXACT and type(p.data) in _PLAIN for p in params)
 
 
 def base_digest(site: nn.Module) -> str:

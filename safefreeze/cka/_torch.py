@@ -531,6 +531,28 @@ class CKAAccumulator:
         self.stats += other.stats.to(self.stats.device)
         return self
 
+    def all_reduce_(self, group: Any = None) -> CKAAccumulator:
+        """Sum the statistics of every rank of a ``torch.distributed`` group into each; returns self.
+
+        Every column is a sum, so after this each rank holds the statistics of all the
+        minibatches every rank saw. A collective: every rank of ``group`` must call it.
+
+        Args:
+            group: The process group; None is the default group.
+
+        Raises:
+            RuntimeError: If no process group is initialized.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "all_reduce_ needs an initialized torch.distributed process group "
+                "(torch.distributed.init_process_group)"
+            )
+        dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, group=group)
+        return self
+
     def reset(self) -> None:
         """Zero the statistics (the generator keeps its state)."""
         self.stats.zero_()
