@@ -26,8 +26,14 @@ from torch.utils.hooks import RemovableHandle
 from safefreeze import merge as _merge
 from safefreeze.cka._torch import NUM_STATS, STAT_NAMES, CKAAccumulator
 from safefreeze.config import SAFEConfig
-from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
-from safefreeze.hooks import ScoreRecorder
+from safefreeze.discovery import (
+    AdapterDiscoveryError,
+    AdapterPair,
+    AdapterPattern,
+    check_adalora_schedule,
+    find_adapter_pairs,
+)
+from safefreeze.hooks import MaskFn, ScoreRecorder, in_backward, run_eagerly
 from safefreeze.plan import (
     SCHEMA_VERSION,
     AdapterRecord,
@@ -71,15 +77,22 @@ class FreezeController:
         config: The method's settings; ignored when ``plan`` is given (the plan's is used).
         plan: A recorded plan to replay instead of scoring. Its units are used as recorded;
             nothing in it is evaluated.
-        pattern: Adapter layout (default: PEFT LoRA).
+        pattern: Adapter layout, or a list of layouts for a model that mixes them
+            (default: the PEFT tuners LoRA, AdaLoRA, LoHa, LoKr and IA3).
         freezer: Drops parameters from training and returns optimizer-state bytes freed;
             by default only ``requires_grad_(False)`` and ``grad = None``. A bound method
             is held weakly, so the engine never keeps its optimizer alive.
+        mask_fn: Called with ``model``'s forward ``(args, kwargs)`` on every scored forward;
+            returns the padding mask (bool ``(B, T)``, True for real tokens) or None for a
+            batch without padding. Default: the ``attention_mask`` argument of the model or
+            of the outermost module inside it that takes one, by keyword or position.
 
     Raises:
         AdapterDiscoveryError: If no trainable adapter is found.
         PlanMismatchError: If ``plan`` was recorded on different adapters.
         RuntimeError: If another live engine already drives these adapters.
+        TypeError: If ``mask_fn`` is not callable.
+        ValueError: If PEFT AdaLoRA still allocates ranks at ``warmup_steps``.
     """
 
     def __init__(
@@ -88,9 +101,15 @@ class FreezeController:
         config: SAFEConfig | None = None,
         *,
         plan: FreezePlan | None = None,
-        pattern: AdapterPattern | None = None,
+        pattern: AdapterPattern | Sequence[AdapterPattern] | None = None,
         freezer: Freezer | None = None,
+        mask_fn: MaskFn | None = None,
     ) -> None:
+        if mask_fn is not None and not callable(mask_fn):
+            raise TypeError(
+                f"mask_fn must be a callable (args, kwargs) -> bool (B, T) mask or None, got "
+                f"{type(mask_fn).__name__}"
+            )
         pairs = [p for p in find_adapter_pairs(model, pattern) if p.trainable]
         if not pairs:
             raise AdapterDiscoveryError(
@@ -113,6 +132,7 @@ class FreezeController:
             self.units = _recorded_units(plan, pairs)
             self._replay = _events_by_step(plan, self.units)
         self.config = config or SAFEConfig()
+        check_adalora_schedule(model, self.config.warmup_steps)
         if plan is None:
             self.units = group_units([p.name for p in pairs], self.config.units, self.config.group_by)
         # Site name -> its adapters; a site is merged once all of them are frozen.
@@ -139,7 +159,7 @@ class FreezeController:
             self._accumulator = CKAAccumulator(
                 len(pairs), max_rows=self.config.max_tokens, generator=generator, device=device
             )
-            self._hooks.recorder = ScoreRecorder(model, pairs, self._accumulator)
+            self._hooks.recorder = ScoreRecorder(model, pairs, self._accumulator, mask_fn=mask_fn)
         # Hooks go when the engine is closed or collected, whichever comes first.
         weakref.finalize(self, self._hooks.remove)
         ref = weakref.ref(self)
@@ -252,8 +272,14 @@ class FreezeController:
         """End scoring and fix the scores that every later freeze decision uses.
 
         Runs by itself at ``warmup_steps``. Call it yourself to end the warm-up's scoring
-        early, or to set the raw scores (``1 - CKA`` per unit) from elsewhere, e.g. after
-        reducing the CKA statistics across ranks. The scores are recorded in the plan.
+        early, or to set the raw scores (``1 - CKA`` per unit) from elsewhere. The scores are
+        recorded in the plan.
+
+        In a ``torch.distributed`` group of several processes this is a collective: every
+        rank must call it at the same step (``on_step_end`` does). The CKA statistics are
+        summed over the ranks first, and every rank checks that all ranks hold the same
+        config, adapters, units, step and final scores; if any differs, or any rank fails
+        here, every rank raises ``safefreeze.distributed.RankDisagreementError``.
 
         Args:
             raw_scores: Raw score per unit, every unit; default: from the CKA statistics
@@ -266,6 +292,8 @@ class FreezeController:
             RuntimeError: If the scores are already final, or the engine replays a plan.
             ValueError: If ``raw_scores`` misses a unit, names an unknown one, or holds a
                 negative or infinite value.
+            RankDisagreementError: Under several ranks, on every rank, if the ranks disagree
+                or any rank failed (a bad ``raw_scores`` included).
         """
         if self._replay is not None:
             raise RuntimeError(
@@ -273,9 +301,29 @@ class FreezeController:
             )
         if self._final is not None:
             raise RuntimeError(f"the scores are already final (since step {self.plan.scored_at})")
-        raw = self._unit_scores(warn=True) if raw_scores is None else _checked_scores(raw_scores, self.units)
+        from safefreeze import distributed as _distributed
+
+        def decide() -> tuple[dict[str, float], dict[str, float]]:
+            if raw_scores is None:
+                raw = self._unit_scores(warn=True)
+            else:
+                raw = _checked_scores(raw_scores, self.units)
+            return raw, normalize_scores(raw, self.config.normalization)
+
+        if self._accumulator is not None and _distributed.world_size() > 1:
+            # Every rank sums its statistics with the others', decides, and checks that all
+            # decided alike; later freezes follow from (scores, config, step) alone.
+            context = {
+                "config": self.config.to_dict(),
+                "adapters": self.plan.fingerprint,
+                "units": self.units,
+                "step": self.step,
+            }
+            raw, normalized = _distributed.finalize_across_ranks(self._accumulator, decide, context)
+        else:
+            raw, normalized = decide()
         self._hooks.remove_recorder()
-        self._set_final(raw, normalize_scores(raw, self.config.normalization), self.step)
+        self._set_final(raw, normalized, self.step)
         return self.scores
 
     def close(self) -> None:
@@ -393,28 +441,45 @@ class FreezeController:
         return (freezer or _detach_only)(params)
 
     def _watch_prefix(self) -> None:
-        """Warn once if the frozen lower prefix still gets a grad-requiring input."""
+        """Warn once if the frozen lower prefix still gets a grad-requiring input.
+
+        The check waits for a training forward that builds a graph: reentrant gradient
+        checkpointing runs the forward under ``no_grad`` and recomputes it during backward,
+        where the frozen layers are backpropagated through whenever their input requires grad.
+        """
         first = self.pairs[0]
         if self._warned_prefix or self._hooks.prefix is not None or first.name not in self.frozen_adapters:
             return
         ref, hooks = weakref.ref(self), self._hooks  # the hook must not keep the engine alive
 
+        @run_eagerly
         def check(module: nn.Module, args: tuple[Any, ...]) -> None:
-            hooks.remove_prefix()
             engine = ref()
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if engine is None or x is None:
+            recomputed = in_backward()
+            if engine is not None and not (module.training and (torch.is_grad_enabled() or recomputed)):
+                return  # an evaluation or no_grad forward says nothing about training
+            hooks.remove_prefix()
+            if engine is None or x is None or not x.requires_grad:
                 return
-            if x.requires_grad and module.training and torch.is_grad_enabled():
-                engine._warned_prefix = True
-                warnings.warn(
-                    f"the input of the lowest frozen adapter {first.name!r} requires grad, so "
-                    "autograd still stores activations and does backward work for the frozen "
-                    "layers below the first trainable adapter; usual causes: Hugging Face "
-                    "enable_input_require_grads() (used with gradient checkpointing) or a "
-                    "trainable embedding. Freezing still drops gradients and optimizer state.",
-                    stacklevel=2,
-                )
+            engine._warned_prefix = True
+            cause = (
+                "reentrant gradient checkpointing (use_reentrant=True) recomputes the frozen layers "
+                "during backward and backpropagates through them; use non-reentrant checkpointing "
+                "(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}) and then model.disable_input_require_grads()"
+                if recomputed
+                else "usual causes: Hugging Face enable_input_require_grads() (used with gradient "
+                "checkpointing; non-reentrant checkpointing does not need it: call "
+                "model.disable_input_require_grads()) or a trainable embedding"
+            )
+            warnings.warn(
+                f"the input of the lowest frozen adapter {first.name!r} requires grad, so "
+                "autograd still stores activations and does backward work for the frozen "
+                f"layers below the first trainable adapter; {cause}. Freezing still drops "
+                "gradients and optimizer state.",
+                stacklevel=2,
+            )
 
         hooks.prefix = self.model.get_submodule(first.site).register_forward_pre_hook(check)
 

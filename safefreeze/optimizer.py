@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from safefreeze.config import SAFEConfig
 from safefreeze.controller import FreezeCallback, FreezeController
 from safefreeze.discovery import AdapterPattern
+from safefreeze.hooks import MaskFn
 from safefreeze.measure import tensor_bytes
 from safefreeze.plan import FreezePlan
 
@@ -33,14 +34,21 @@ class SAFEOptimizer(Optimizer):
         model: The model holding the adapters.
         config: SAFE settings (default :class:`SAFEConfig`); taken from ``plan`` if given.
         plan: A recorded :class:`FreezePlan` to replay without scoring and without hooks.
-        pattern: Adapter layout (default: PEFT LoRA).
+        pattern: Adapter layout, or a list of layouts for a model that mixes them
+            (default: the PEFT tuners LoRA, AdaLoRA, LoHa, LoKr and IA3).
+        mask_fn: Called with ``model``'s forward ``(args, kwargs)`` on every scored forward;
+            returns the padding mask (bool ``(B, T)``, True for real tokens) or None for a
+            batch without padding. Default: the ``attention_mask`` argument of the model or
+            of the outermost module inside it that takes one, by keyword or position.
 
     Use it as a context manager, or call :meth:`close`, to remove its hooks when training
     ends; only one live SAFEOptimizer may drive a model's adapters at a time.
 
     Raises:
-        TypeError: If ``optimizer`` is not an optimizer instance, or is a SAFEOptimizer.
-        ValueError: If ``optimizer`` does not hold every trainable adapter parameter.
+        TypeError: If ``optimizer`` is not an optimizer instance, or is a SAFEOptimizer, or
+            ``mask_fn`` is not callable.
+        ValueError: If ``optimizer`` does not hold every trainable adapter parameter, or PEFT
+            AdaLoRA still allocates ranks at ``warmup_steps``.
         RuntimeError: If another live SAFEOptimizer already drives the model's adapters.
         AdapterDiscoveryError: If no adapter is found.
         PlanMismatchError: If ``plan`` does not fit ``model``.
@@ -78,7 +86,8 @@ class SAFEOptimizer(Optimizer):
         config: SAFEConfig | None = None,
         *,
         plan: FreezePlan | None = None,
-        pattern: AdapterPattern | None = None,
+        pattern: AdapterPattern | Sequence[AdapterPattern] | None = None,
+        mask_fn: MaskFn | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -100,7 +109,9 @@ class SAFEOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._check_named([p for g in optimizer.param_groups for p in g["params"]])
-        self.controller = FreezeController(model, config, plan=plan, pattern=pattern, freezer=self._drop)
+        self.controller = FreezeController(
+            model, config, plan=plan, pattern=pattern, freezer=self._drop, mask_fn=mask_fn
+        )
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [self._names[id(p)] for p in self.controller.trainable_params() if id(p) not in held]
         if missing:

@@ -717,7 +717,9 @@ def test_hooks_live_only_during_the_warmup() -> None:
     assert len(site._forward_hooks) == clean[ADAPTERS[0]][0] + 1
     assert counts[f"{ADAPTERS[0]}.base_layer"][0] == clean[f"{ADAPTERS[0]}.base_layer"][0] + 1
     added = sum(sum(c) for c in counts.values()) - sum(sum(c) for c in clean.values())
-    assert added == 1 + 2 * len(ADAPTERS)  # one model pre-hook, one hook per site and per base
+    # The padding mask's hooks (a pre- and a post-hook on the model and on the outermost module
+    # inside it that takes an attention_mask), then one hook per site and per base.
+    assert added == 4 + 2 * len(ADAPTERS)
 
     batches = make_batches(NEVER.warmup_steps + 1)
     train(model, opt, batches[: NEVER.warmup_steps - 1])
