@@ -46,7 +46,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy (strict)."""
-    _install(session, "typecheck", extras="[hf,mlflow]")  # check against the real integrations
+    _install(session, "typecheck", extras="[hf,mlflow,lightning]")  # check against the real integrations
     config = f"{session.invoked_from}/pyproject.toml"
     # From outside the checkout, mypy reads the installed package, integrations included.
     session.chdir(session.create_tmp())
@@ -56,7 +56,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation with warnings as errors."""
-    _install(session, "docs", extras="[mlflow]")
+    _install(session, "docs", extras="[hf,mlflow,lightning]")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 
