@@ -294,6 +294,30 @@ def test_accumulator_with_large_batches_approaches_full_data_cka() -> None:
     assert acc.value(0) == pytest.approx(full, abs=1e-4)
 
 
+def test_queued_minibatches_sum_in_one_batch_as_they_would_one_by_one() -> None:
+    """Adds queue until a forward's worth (one per adapter) and are summed in one batch."""
+    rng = np.random.default_rng(5)
+    minibatches = []
+    for i in range(8):
+        x = rng.standard_normal((20, 6)) * 10.0 ** rng.integers(-3, 4)
+        y = x + 0.4 * x**2 if i % 3 else x * 2.0  # one side constant-free, some CKA exactly 1
+        if i == 5:
+            x[3, 2] = np.nan  # weighted out, counted
+        minibatches.append((i % 4, torch.from_numpy(x), torch.from_numpy(y), i))
+    constant = torch.zeros(20, 6, dtype=torch.float64), torch.ones(20, 4, dtype=torch.float64)
+    minibatches.append((1, *constant, 0))  # both sides constant
+    batched, single = CKAAccumulator(4, max_rows=None), CKAAccumulator(4, max_rows=None)
+    for count, (index, x, y, padding) in enumerate(minibatches, start=1):
+        batched.add(index, x, y, padding=padding)
+        single.add(index, x, y, padding=padding)
+        single.flush()  # one minibatch at a time
+        assert len(batched._queue) == count % 4  # summed at every 4th, a forward's worth
+    torch.testing.assert_close(batched.stats, single.stats, rtol=1e-13, atol=0)
+    assert not batched._queue
+    assert batched.stats[:, STAT_ROWS_PADDING].tolist() == [4.0, 6.0, 8.0, 10.0]
+    assert batched.stats[:, STAT_ROWS_NONFINITE].tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
 def test_accumulator_stats_sum_across_ranks() -> None:
     batches = _batches(30, [12, 9, 16, 7])
     one, rank0, rank1 = (CKAAccumulator(2, max_rows=None) for _ in range(3))

@@ -162,17 +162,21 @@ def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _coarse_scale(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale ``x`` and ``y`` by one power of two, 2**(-64 k), that keeps their fourth powers finite.
+    """Scale each minibatch of ``x`` (A, n, Dx) and ``y`` (A, n, Dy) by one power of two,
+    2**(-64 k), that keeps their fourth powers finite.
 
     The factor is 1 for any magnitude in [2**-64, 2**64), so every usual minibatch adds its
     HSIC terms unscaled; only extreme activations (1e200 in float64) are brought into range.
     One factor for both sides scales a minibatch's three terms alike, so the ratio of sums
     stays a consistent estimate.
     """
-    peak = torch.maximum(x.abs().max(), y.abs().max())
+    peak = torch.maximum(x.abs().amax(dim=(1, 2)), y.abs().amax(dim=(1, 2)))  # (A,)
     _, exponent = torch.frexp(peak)
-    shift = torch.div(exponent, 64, rounding_mode="floor") * 64
-    return torch.ldexp(x, -shift), torch.ldexp(y, -shift)
+    shift = (torch.div(exponent, 64, rounding_mode="floor") * 64)[:, None, None]  # (A, 1, 1)
+    # Two equal powers of two, each finite where 2**-shift alone may not be (2**1024): the
+    # products are exact, as ldexp's, and cheaper.
+    half = torch.exp2(-0.5 * shift.to(x.dtype))
+    return x * half * half, y * half * half
 
 
 def _center(x: torch.Tensor, *, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,11 +190,14 @@ def _center(x: torch.Tensor, *, rescale: bool = True) -> tuple[torch.Tensor, tor
 
 
 def _center_rows(x: torch.Tensor, weight: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_center` over the rows with ``weight`` 1 (``n`` of them); the others stay zero."""
-    mean = x.sum(dim=0) / n.clamp_min(1.0)  # (D,)
+    """:func:`_center` of each minibatch of ``x`` (A, n, D) over its rows with ``weight`` 1
+    (``n`` (A,) of them); the others stay zero. Also return which are constant, (A,) bool."""
+    count = n.clamp_min(1.0)  # (A,)
+    mean = x.sum(dim=1, keepdim=True) / count[:, None, None]  # (A, 1, D)
     xc = (x - mean) * weight
-    tol = constant_tolerance(1, torch.finfo(x.dtype).eps) * n.clamp_min(1.0).sqrt()
-    return xc, torch.linalg.norm(xc) <= tol * torch.linalg.norm(x)
+    tol = constant_tolerance(1, torch.finfo(x.dtype).eps) * count.sqrt()
+    norm = torch.linalg.vector_norm
+    return xc, norm(xc, dim=(1, 2)) <= tol * norm(x, dim=(1, 2))
 
 
 def _cross_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -236,6 +243,41 @@ def _hsic_unbiased(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | int | Non
             hsic(_cross_sq(x, x), kd, kd, k1, k1),
             hsic(_cross_sq(y, y), ld, ld, l1, l1),
         ]
+    )
+
+
+def _cross_sq_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`_cross_sq` of each minibatch of ``a`` (A, N, Da) and ``b`` (A, N, Db): (A,)."""
+    n = a.shape[1]
+    if n * n <= a.shape[2] * b.shape[2]:
+        ka = a @ a.mT  # (A, N, N)
+        kb = ka if b is a else b @ b.mT  # (A, N, N)
+        return (ka * kb).sum(dim=(1, 2))
+    return (a.mT @ b).square().sum(dim=(1, 2))  # (A, Da, Db)
+
+
+def _hsic_unbiased_batch(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """:func:`_hsic_unbiased` of each minibatch of ``x`` (A, N, Dx), ``y`` (A, N, Dy) with
+    ``n`` (A,) rows each: (A, 3) unbiased HSIC(K, L), HSIC(K, K), HSIC(L, L)."""
+    kd = x.square().sum(dim=2)  # (A, N) diagonals of K
+    ld = y.square().sum(dim=2)  # (A, N)
+    k1 = (x @ x.sum(dim=1)[..., None])[..., 0] - kd  # (A, N) row sums of K, diagonal zeroed
+    l1 = (y @ y.sum(dim=1)[..., None])[..., 0] - ld  # (A, N)
+
+    def hsic(
+        cross: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor
+    ) -> torch.Tensor:
+        trace = cross - (ad * bd).sum(dim=1)  # (A,) tr(K~ L~)
+        sums = a1.sum(dim=1) * b1.sum(dim=1) / ((n - 1) * (n - 2))
+        return (trace + sums - 2.0 / (n - 2) * (a1 * b1).sum(dim=1)) / (n * (n - 3))
+
+    return torch.stack(
+        [
+            hsic(_cross_sq_batch(x, y), kd, ld, k1, l1),
+            hsic(_cross_sq_batch(x, x), kd, kd, k1, k1),
+            hsic(_cross_sq_batch(y, y), ld, ld, l1, l1),
+        ],
+        dim=1,
     )
 
 
@@ -361,12 +403,44 @@ class CKAAccumulator:
         self.max_rows = max_rows
         self.dtype = dtype
         self.generator = generator if generator is not None else _private_generator(device)
-        self.stats = torch.zeros(num_adapters, NUM_STATS, dtype=torch.float64, device=device)
+        self._stats = torch.zeros(num_adapters, NUM_STATS, dtype=torch.float64, device=device)
+        # Minibatches added but not yet summed: (index, x (n, Dx), y (n, Dy)).
+        # They are summed in batches of the same shapes, one batched computation for many
+        # adapters, when ``stats`` is read or one minibatch per adapter has queued up.
+        self._queue: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        # Padding rows per adapter, known on the host; folded into stats when they are read,
+        # so queuing and summing copy nothing to the device (a copy waits for it).
+        self._padding = [0] * num_adapters
+        # Index tensors of the batches summed so far, by their indices: made once per layout.
+        self._index_tensors: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """``(num_adapters, NUM_STATS)`` float64 sums, with every minibatch added so far."""
+        self.flush()
+        if any(self._padding):
+            padding = torch.tensor(self._padding, dtype=torch.float64)
+            self._stats[:, STAT_ROWS_PADDING] += padding.to(self._stats.device)
+            self._padding = [0] * self.num_adapters
+        return self._stats
+
+    def flush(self) -> None:
+        """Sum the queued minibatches into ``stats`` now, in batches of equal shapes."""
+        queue, self._queue = self._queue, []
+        groups: dict[tuple[Any, ...], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for item in queue:
+            groups.setdefault((tuple(item[1].shape), tuple(item[2].shape), item[1].device), []).append(item)
+        for items in groups.values():
+            self._add_batch(
+                tuple(i for i, _, _ in items),
+                torch.stack([x for _, x, _ in items]),  # (A, n, Dx)
+                torch.stack([y for _, _, y in items]),  # (A, n, Dy)
+            )
 
     @property
     def num_adapters(self) -> int:
         """Number of adapters (rows of ``stats``)."""
-        return self.stats.shape[0]
+        return self._stats.shape[0]
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_adapters:
@@ -407,6 +481,9 @@ class CKAAccumulator:
     def add(self, index: int, x: torch.Tensor, y: torch.Tensor, *, padding: int = 0) -> None:
         """Add drawn rows ``x`` (n, Dx) and ``y`` (n, Dy) of adapter ``index`` as one minibatch.
 
+        The minibatch is queued and summed with the others of its shapes in one batched
+        computation, once one per adapter has queued up or when ``stats`` is read.
+
         Rows with NaN/Inf are dropped and counted; a minibatch left with fewer than 4 rows
         is counted and skipped instead of raising. Extreme magnitudes are brought into
         range by one power of two for both sides (see ``_coarse_scale``), so float64 sums
@@ -418,33 +495,48 @@ class CKAAccumulator:
         """
         self._check_index(index)
         check_row_shapes(tuple(x.shape), tuple(y.shape))
-        row = self.stats[index]  # (NUM_STATS,) view: in-place adds update stats
-        row[STAT_ROWS_PADDING] += padding
+        self._padding[index] += padding
+        self._queue.append((index, x, y))
+        if len(self._queue) >= self.num_adapters:  # a forward's worth: bounded memory
+            self.flush()
+
+    def _add_batch(self, indices: tuple[int, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add minibatch ``a`` of ``x`` (A, n, Dx) and ``y`` (A, n, Dy) to adapter ``indices[a]``.
+
+        One computation for all ``A``: on a GPU each small operation is a kernel launch, and
+        per adapter they cost more than the step they score.
+        """
+        stats = self._stats
+        add = torch.zeros(len(indices), NUM_STATS, dtype=torch.float64, device=stats.device)  # (A, S)
         # Rows with NaN/Inf are zeroed and weighted out rather than dropped, and every count
         # stays a tensor: nothing here waits for the device.
-        x, y = x.to(self.stats.device, self.dtype), y.to(self.stats.device, self.dtype)
-        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)  # (n,)
-        weight = finite.to(self.dtype)[:, None]  # (n, 1)
-        x = torch.where(finite[:, None], x, 0.0)
-        y = torch.where(finite[:, None], y, 0.0)
-        n = weight.sum()  # finite rows, a 0-dim tensor
-        row[STAT_ROWS_NONFINITE] += x.shape[0] - n
-        if x.shape[0] < MIN_ROWS_UNBIASED:  # known without the device: too few rows drawn
-            row[STAT_ROWS_SHORT] += n
-            return
-        x, y = _coarse_scale(x, y)
-        xc, x_constant = _center_rows(x, weight, n)
-        yc, y_constant = _center_rows(y, weight, n)
-        # The estimator ignores centering; centering only cuts cancellation error. A
-        # constant side is snapped to exact zeros so rounding noise never scores.
-        xc = xc.masked_fill(x_constant, 0.0)
-        yc = yc.masked_fill(y_constant, 0.0)
-        enough = n >= MIN_ROWS_UNBIASED
-        terms = _hsic_unbiased(xc, yc, n.clamp_min(MIN_ROWS_UNBIASED))
-        row[STAT_KL : STAT_LL + 1] += torch.where(enough, terms, 0.0).to(row)
-        row[STAT_BATCHES] += enough.to(row.dtype)
-        row[STAT_ROWS_USED] += torch.where(enough, n, 0.0).to(row.dtype)
-        row[STAT_ROWS_SHORT] += torch.where(enough, 0.0, n).to(row.dtype)
+        x, y = x.to(stats.device, self.dtype), y.to(stats.device, self.dtype)
+        finite = torch.isfinite(x).all(dim=-1) & torch.isfinite(y).all(dim=-1)  # (A, n)
+        weight = finite.to(self.dtype)[..., None]  # (A, n, 1)
+        x = torch.where(finite[..., None], x, 0.0)
+        y = torch.where(finite[..., None], y, 0.0)
+        n = weight.sum(dim=(1, 2))  # (A,) finite rows
+        add[:, STAT_ROWS_NONFINITE] = x.shape[1] - n
+        if x.shape[1] < MIN_ROWS_UNBIASED:  # known without the device: too few rows drawn
+            add[:, STAT_ROWS_SHORT] = n
+        else:
+            x, y = _coarse_scale(x, y)
+            xc, x_constant = _center_rows(x, weight, n)
+            yc, y_constant = _center_rows(y, weight, n)
+            # The estimator ignores centering; centering only cuts cancellation error. A
+            # constant side is snapped to exact zeros so rounding noise never scores.
+            xc = xc.masked_fill(x_constant[:, None, None], 0.0)
+            yc = yc.masked_fill(y_constant[:, None, None], 0.0)
+            enough = n >= MIN_ROWS_UNBIASED  # (A,)
+            terms = _hsic_unbiased_batch(xc, yc, n.clamp_min(MIN_ROWS_UNBIASED))  # (A, 3)
+            add[:, STAT_KL : STAT_LL + 1] = torch.where(enough[:, None], terms, 0.0).to(add)
+            add[:, STAT_BATCHES] = enough.to(add.dtype)
+            add[:, STAT_ROWS_USED] = torch.where(enough, n, 0.0).to(add.dtype)
+            add[:, STAT_ROWS_SHORT] = torch.where(enough, 0.0, n).to(add.dtype)
+        index = self._index_tensors.get(indices)
+        if index is None:
+            index = self._index_tensors[indices] = torch.tensor(indices, device=stats.device)
+        stats.index_add_(0, index, add)
 
     def undefined_reason(self, index: int) -> str | None:
         """Why adapter ``index`` has no CKA value, in words; None when it has one."""
@@ -528,7 +620,7 @@ class CKAAccumulator:
             raise ValueError(
                 f"cannot merge accumulators of {other.num_adapters} and {self.num_adapters} adapters"
             )
-        self.stats += other.stats.to(self.stats.device)
+        self.stats.add_(other.stats.to(self._stats.device))
         return self
 
     def all_reduce_(self, group: Any = None) -> CKAAccumulator:
