@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from safefreeze._optional import require
@@ -146,12 +147,13 @@ class SAFETrainerMixin(_MixinBase):
         safe_config: SAFE settings (default :class:`~safefreeze.SAFEConfig`).
         safe_plan: A recorded :class:`~safefreeze.FreezePlan` to replay instead of scoring
             (e.g. ``FreezePlan.load("checkpoint-500/safefreeze_plan.json")``).
-        safe_pattern: Adapter layout (default: PEFT LoRA).
+        safe_pattern: Adapter layout, or a list of them for a model that mixes layouts
+            (default: the PEFT tuners, see :class:`~safefreeze.AdapterPattern`).
         **kwargs: The Trainer's keyword arguments.
 
     Raises:
         TypeError: If ``safe_config`` is not a SAFEConfig, ``safe_plan`` not a FreezePlan
-            or ``safe_pattern`` not an AdapterPattern, or if ``optimizers=`` passes a
+            or ``safe_pattern`` not an AdapterPattern (or a list of them), or if ``optimizers=`` passes a
             SAFEOptimizer together with any of them.
     """
 
@@ -160,16 +162,18 @@ class SAFETrainerMixin(_MixinBase):
         *args: Any,
         safe_config: SAFEConfig | None = None,
         safe_plan: FreezePlan | None = None,
-        safe_pattern: AdapterPattern | None = None,
+        safe_pattern: AdapterPattern | Sequence[AdapterPattern] | None = None,
         **kwargs: Any,
     ) -> None:
-        for name, value, kind in (
-            ("safe_config", safe_config, SAFEConfig),
-            ("safe_plan", safe_plan, FreezePlan),
-            ("safe_pattern", safe_pattern, AdapterPattern),
+        patterns = list(safe_pattern) if isinstance(safe_pattern, (list, tuple)) else [safe_pattern]
+        for name, values, kind, expected in (
+            ("safe_config", [safe_config], SAFEConfig, "a SAFEConfig"),
+            ("safe_plan", [safe_plan], FreezePlan, "a FreezePlan"),
+            ("safe_pattern", patterns, AdapterPattern, "an AdapterPattern (or a list of them)"),
         ):
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+            for value in values:
+                if value is not None and not isinstance(value, kind):
+                    raise TypeError(f"{name} must be {expected} or None, got {type(value).__name__}")
         self.safe_config = safe_config
         self.safe_plan = safe_plan
         self.safe_pattern = safe_pattern

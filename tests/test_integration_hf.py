@@ -21,7 +21,7 @@ from models import peft_bert
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.optimization import Adafactor
 
-from safefreeze import FreezePlan, SAFEConfig, SAFEOptimizer
+from safefreeze import AdapterPattern, FreezePlan, SAFEConfig, SAFEOptimizer
 from safefreeze.integrations.hf import (
     METRIC_FROZEN,
     METRIC_THRESHOLD,
@@ -305,6 +305,9 @@ def test_bad_arguments_say_what_was_expected(tmp_path: Path, data: Dataset) -> N
     model = peft_bert(layers=2, seed=0)
     with pytest.raises(TypeError, match=r"safe_config must be a SAFEConfig or None, got dict"):
         SAFETrainer(model=model, args=_args(tmp_path), train_dataset=data, safe_config={"warmup_steps": 2})
+    patterns: Any = [AdapterPattern(), "lora_A"]
+    with pytest.raises(TypeError, match=r"safe_pattern must be an AdapterPattern \(or a list of them\)"):
+        SAFETrainer(model=model, args=_args(tmp_path), train_dataset=data, safe_pattern=patterns)
     with pytest.raises(
         TypeError, match=r"with_safe takes a transformers.Trainer subclass, got <class 'int'>"
     ):
