@@ -3,7 +3,9 @@
 ``safefreeze plan show PLAN`` prints a plan's freeze timeline as a table; ``PLAN`` is a plan
 file, a ``runs:/<run_id>[/<path>]`` URI or an MLflow run id (only those two import MLflow).
 ``safefreeze demo`` fine-tunes pretrained MiniLM-L6 with plain LoRA and with SAFE on Rotten
-Tomatoes and compares the two runs.
+Tomatoes and compares the two runs. ``safefreeze score MODEL BATCHES --plan PLAN`` recomputes
+adapter scores from an ONNX export on CPU (``safefreeze.integrations.onnx``) and flags units
+whose rank differs from the plan's.
 
 Each command group is one ``_add_<group>(commands)`` function that adds its subparsers and
 sets ``func``; :func:`main` lists them in ``_GROUPS``.
@@ -307,11 +309,119 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- safefreeze score ---------------------------------------------------------------------
+
+
+def _add_score(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    score = commands.add_parser(
+        "score",
+        help="recompute adapter scores from an ONNX export on CPU and compare them with a plan's",
+        description=(
+            "Run MODEL (an .onnx file written by safefreeze.integrations.onnx.export_scored_model) "
+            "with onnx's numpy reference evaluator over the batches in BATCHES (an .npz file written "
+            "by save_batches: arrays '<batch>.<input>'), score every adapter with float64 CKA, and "
+            "print the scores; with --plan, next to the plan's, flagging units whose rank differs "
+            "(exit code 1)."
+        ),
+    )
+    score.add_argument("model", metavar="MODEL", help="the exported .onnx file")
+    score.add_argument("batches", metavar="BATCHES", help="the .npz file of batches")
+    score.add_argument("--plan", help="plan JSON file whose scores to compare with")
+    score.add_argument(
+        "--max-rows",
+        type=_rows,
+        default=None,
+        metavar="N",
+        help="rows drawn per adapter and batch, or 'all' (default: the plan's max_tokens, else 64)",
+    )
+    score.add_argument(
+        "--seed", type=int, default=None, help="row-drawing seed (default: the plan's, else 0)"
+    )
+    score.add_argument(
+        "--runtime",
+        choices=("reference", "onnxruntime"),
+        default="reference",
+        help="onnx.reference.ReferenceEvaluator (pure numpy, the default) or onnxruntime",
+    )
+    score.set_defaults(func=_score_command, parser=score)
+
+
+def _rows(text: str) -> int | str:
+    if text == "all":
+        return text
+    value = int(text)
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 4, got {text}")
+    return value
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    reference = importlib.import_module("safefreeze.integrations.onnx")
+    plan = FreezePlan.load(args.plan) if args.plan else None
+    origin = "from the plan" if plan is not None else "default"
+    max_rows = plan.config.max_tokens if plan is not None else 64
+    seed = plan.config.seed if plan is not None else 0
+    if args.max_rows is not None or args.seed is not None:
+        origin = "given"
+    if args.max_rows is not None:
+        max_rows = None if args.max_rows == "all" else args.max_rows
+    if args.seed is not None:
+        seed = args.seed
+    try:
+        batches = reference.load_batches(args.batches)
+        result = reference.reference_scores(
+            args.model, batches, max_rows=max_rows, seed=seed, runtime=args.runtime
+        )
+    except (ValueError, KeyError, ModuleNotFoundError, reference.UnsupportedOperatorError) as err:
+        raise CommandError(str(err)) from None
+    rows = "all" if max_rows is None else max_rows
+    print(f"reference scores (1 - CKA) over {len(batches)} batches, max_rows={rows} seed={seed} ({origin})")
+    if plan is None:
+        width = max(len(n) for n in result.scores)
+        print(f"{'adapter':<{width}}  {'reference':>12}")
+        for name, value in result.scores.items():
+            print(f"{_escape(name):<{width}}  {value:>12.9f}")
+        return 0
+    try:
+        ours = result.unit_scores(plan.units)
+    except KeyError as err:
+        raise CommandError(str(err.args[0])) from None
+    theirs = {unit: plan.raw_scores.get(unit, math.nan) for unit in plan.units}
+    ranks_ours, ranks_theirs = _freeze_ranks(ours), _freeze_ranks(theirs)
+    width = max(len(n) for n in plan.units)
+    label = "adapter" if all(len(m) == 1 and m[0] == u for u, m in plan.units.items()) else "unit"
+    print(f"{label:<{width}}  {'reference':>12}  {'plan':>12}  {'rank':>4}  {'plan':>4}")
+    differ = 0
+    for unit in plan.units:
+        flag = ranks_ours[unit] != ranks_theirs[unit]
+        differ += flag
+        print(
+            f"{_escape(unit):<{width}}  {ours[unit]:>12.9f}  {theirs[unit]:>12.9f}  "
+            f"{ranks_ours[unit]:>4}  {ranks_theirs[unit]:>4}{'  *' if flag else ''}"
+        )
+    gap = max(
+        (abs(ours[u] - theirs[u]) for u in plan.units if not math.isnan(ours[u] - theirs[u])), default=0.0
+    )
+    print(f"largest score difference: {gap:.3g}")
+    if differ:
+        print(f"{differ} of {len(plan.units)} {label}s rank differently (marked *; rank 1 freezes first)")
+        return 1
+    print(f"ranking agrees for all {len(plan.units)} {label}s (rank 1 freezes first)")
+    return 0
+
+
+def _freeze_ranks(scores: dict[str, float]) -> dict[str, int]:
+    """Rank 1 = lowest score (freezes first); NaN (never frozen) ranks last."""
+    order = sorted(scores, key=lambda u: (math.isnan(scores[u]), scores[u]))
+    return {unit: rank for rank, unit in enumerate(order, start=1)}
+
+
 # Command groups, in the order `safefreeze --help` lists them. A new group is one
 # `_add_<name>(commands)` function above, appended here.
 _GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_plan,
     _add_demo,
+    _add_score,
 )
 
 
