@@ -44,7 +44,13 @@ def test_api_reference_documents_the_public_api_and_nothing_private() -> None:
         if not m.name.startswith("_")
     }
     assert integrations, "no integration module found"
-    modules = {"safefreeze", "safefreeze.cka", "safefreeze.plots", "safefreeze.distributed"} | integrations
+    modules = {
+        "safefreeze",
+        "safefreeze.cka",
+        "safefreeze.plots",
+        "safefreeze.distributed",
+        "safefreeze.analysis",
+    } | integrations
     assert sorted((public | modules) - set(documented)) == []
     assert sorted(set(documented) - public - modules) == []
     assert len(documented) == len(set(documented)), "a name documented twice"
