@@ -1,4 +1,5 @@
-"""Development sessions: ``tests``, ``lint``, ``typecheck``, ``docs`` (the default), ``demo``, ``bench``.
+"""Development sessions: ``tests``, ``lint``, ``typecheck``, ``docs`` (the default), ``demo``, ``bench``,
+``bench-regularization``.
 
 Each session installs into its own environment under ``.nox/<session>/``; ``nox -R -s <session>``
 reuses one already built instead of reinstalling it.
@@ -46,7 +47,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy (strict)."""
-    _install(session, "typecheck", extras="[hf,mlflow,lightning]")  # check against the real integrations
+    _install(session, "typecheck", extras="[all]")  # check against the real integrations
     config = f"{session.invoked_from}/pyproject.toml"
     # From outside the checkout, mypy reads the installed package, integrations included.
     session.chdir(session.create_tmp())
@@ -56,7 +57,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation with warnings as errors."""
-    _install(session, "docs", extras="[hf,mlflow,lightning]")
+    _install(session, "docs", extras="[all]")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 
@@ -77,3 +78,11 @@ def bench(session: nox.Session) -> None:
     """LoRA vs SAFE on Rotten Tomatoes (CPU, about an hour); rewrites docs/benchmarks.md and its plots."""
     _install_demo(session)
     session.run("python", "benchmarks/rotten.py", *session.posargs)
+
+
+@nox.session(name="bench-regularization")
+def bench_regularization(session: nox.Session) -> None:
+    """LoRA vs SAFE sharpness, adapter norms and generalization gap; rewrites docs/regularization.md."""
+    _install_demo(session)
+    session.install(".[analysis]")
+    session.run("python", "benchmarks/regularization.py", *session.posargs)
