@@ -1,5 +1,5 @@
-"""Development sessions: ``tests``, ``lint``, ``typecheck``, ``docs`` (the default), ``demo``, ``bench``,
-``bench-regularization``.
+"""Development sessions: ``tests``, ``lint``, ``typecheck``, ``docs`` (the default), ``checks``
+(``typecheck`` and ``docs`` in one environment), ``demo``, ``bench``, ``bench-regularization``.
 
 Each session installs into its own environment under ``.nox/<session>/``; ``nox -R -s <session>``
 reuses one already built instead of reinstalling it.
@@ -48,16 +48,32 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy (strict)."""
     _install(session, "typecheck", extras="[all]")  # check against the real integrations
-    config = f"{session.invoked_from}/pyproject.toml"
-    # From outside the checkout, mypy reads the installed package, integrations included.
-    session.chdir(session.create_tmp())
-    session.run("mypy", "--config-file", config, "-p", "safefreeze")
+    _mypy(session)
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation with warnings as errors."""
-    _install(session, "docs", extras="[all]")
+    _install(session, "docs", extras="[all]")  # autodoc imports every integration
+    _sphinx(session)
+
+
+@nox.session(default=False)
+def checks(session: nox.Session) -> None:
+    """``typecheck`` and ``docs`` in one environment, installed once (what CI runs)."""
+    _install(session, "typecheck", "docs", extras="[all]")
+    _mypy(session)
+    _sphinx(session)
+
+
+def _mypy(session: nox.Session) -> None:
+    config = f"{session.invoked_from}/pyproject.toml"
+    # From outside the checkout, mypy reads the installed package, integrations included.
+    with session.chdir(session.create_tmp()):
+        session.run("mypy", "--config-file", config, "-p", "safefreeze")
+
+
+def _sphinx(session: nox.Session) -> None:
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 
