@@ -350,11 +350,7 @@ def _signature_has(module: nn.Module, name: str) -> bool:
 
 def _mask_position(module: nn.Module) -> int | None:
     """Position of ``attention_mask`` among ``module.forward``'s positional parameters, if any."""
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = _positional_names(module)
     return positional.index(_MASK_ARG) if _MASK_ARG in positional else None
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_ddp import assert_identical, info, params  # the same result files
 
 HERE = Path(__file__).resolve().parent
 STEPS = 10
@@ -136,24 +137,8 @@ def launch(*runs: tuple[str, Path]) -> None:
         assert proc.returncode == 0, f"the {mode} accelerate run failed:\n{log.read_text()[-4000:]}"
 
 
-def params(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
-    loaded: dict[str, torch.Tensor] = torch.load(out / f"params{rank}.pt", weights_only=True)
-    return loaded
-
-
-def info(out: Path, rank: int = 0) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((out / f"info{rank}.json").read_text())
-    return loaded
-
-
 def plan_doc(out: Path, rank: int = 0) -> Any:
     return json.loads((out / f"plan{rank}.json").read_text())
-
-
-def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
-    different = [n for n in a if not torch.equal(a[n], b[n])]
-    assert not different, f"parameters differ bitwise: {different[:5]}"
 
 
 @pytest.fixture(scope="module")
