@@ -17,14 +17,20 @@ head (``SentenceClassifier``).
    a few more steps are timed (median); on CUDA the peak allocated memory is read over
    those steps, after a reset that follows the counted (warm-up) step.
 2. A short real run on the full 30-layer model: plain LoRA vs ``SAFEOptimizer`` with the
-   default rule and schedule (``SAFEConfig.for_run(steps)``),
-   one seed, the same data order, accuracy and macro-F1 on a fixed test subset. Each
-   step's costs are counted the first time its situation (scoring or not, what is frozen)
-   occurs and reused for later steps of the same situation.
+   default rule and schedule (``SAFEConfig.for_run(steps)``), the position-only rule
+   (``order="depth"``) and the paper's rule on the same schedule; one seed, the same data
+   order, accuracy and macro-F1 on a fixed test subset. Each step's costs are counted the
+   first time its situation (scoring or not, what is frozen) occurs and reused for later
+   steps of the same situation.
+3. Scores against depth: per seed, one run scored for all its steps and freezing nothing;
+   the running block scores after a quarter, a half, three quarters and all of the steps
+   are those SAFE would finalize with that warm-up. How they follow depth, agree across
+   seeds, and how long a prefix the default rule would freeze with them.
 
-Run ``python benchmarks/depth.py`` (about 15 minutes on one CPU thread); it writes
+Run ``python benchmarks/depth.py`` (about 25 minutes on one CPU thread); it writes
 ``benchmarks/results/depth.json`` and ``docs/depth.md``. ``--from-json`` re-renders the
-page; ``--attach OTHER.json`` adds another device's run (``--device cuda``) to the page.
+page; ``--attach OTHER.json`` adds another device's run (``--device cuda``) to the page;
+``--keep-table`` reruns parts 2 and 3 only, keeping the table and attached runs.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from safefreeze.demo.task import machine as task_machine
 from safefreeze.measure import measure_step, optimizer_state_bytes
 from safefreeze.merge import merge as merge_site
 from safefreeze.merge import mergeable
-from safefreeze.selection import normalize_scores
+from safefreeze.selection import lower_prefix, normalize_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python benchmarks/depth.py"
@@ -371,6 +377,110 @@ def depth_row(
 # ---- the training run --------------------------------------------------------------------
 
 
+def run_configs(steps: int) -> dict[str, SAFEConfig | None]:
+    """The real run's variants for ``steps`` optimizer steps: name -> config (None: plain LoRA).
+
+    ``safe`` is the default; ``position`` the default with ``order="depth"`` (as many blocks
+    as the threshold allows, lowest first, whatever they score); ``paper`` the paper's rule
+    with the same warm-up and ramp.
+    """
+    default = SAFEConfig.for_run(steps)
+    return {
+        "lora": None,
+        "safe": default,
+        "position": dataclasses.replace(default, order="depth"),
+        "paper": SAFEConfig.paper(warmup_steps=default.warmup_steps, freeze_end_step=default.freeze_end_step),
+    }
+
+
+def score_run(
+    model: nn.Module,
+    train_data: dict[str, torch.Tensor],
+    settings: Settings,
+    steps: int,
+    seed: int,
+    device: str,
+    checkpoints: list[int],
+) -> dict[str, list[float]]:
+    """SAFE's block scores after each of ``checkpoints`` warm-up steps, in one run.
+
+    The warm-up lasts all ``steps`` and ``tau_target`` is 0, so nothing freezes and the run
+    trains as plain LoRA does. The CKA statistics are sums over the scored steps, so the
+    running scores after step W (``controller.scores``, rank-normalized) are the scores
+    SAFE would finalize with ``warmup_steps=W``.
+
+    Returns:
+        ``str(W)`` -> normalized score per block, lowest block first.
+    """
+    model.to(device).train()
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    config = SAFEConfig(warmup_steps=steps, freeze_end_step=steps, tau_target=0.0, seed=seed)
+    safe = SAFEOptimizer(inner, model, config)
+    steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
+    task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
+    out: dict[str, list[float]] = {}
+    for step, batch in enumerate(itertools.islice(batches(train_data, task, seed), steps), start=1):
+        model(**to(batch, device)).loss.backward()
+        safe.step()
+        safe.zero_grad()
+        if step in checkpoints:
+            scores = safe.controller.scores
+            out[str(step)] = [scores[u] for u in sorted(scores, key=block_index)]
+        if step % 25 == 0:
+            print(f"  scores, seed {seed}: step {step}/{steps}", flush=True)
+    if safe.plan.events:
+        raise RuntimeError(f"tau_target=0 must freeze nothing, got {safe.plan.events}")
+    safe.close()
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists without ties."""
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def _thirds(values: list[float]) -> list[list[float]]:
+    """The lowest, middle and top third of ``values`` (in model order)."""
+    n = len(values)
+    return [values[i * n // 3 : (i + 1) * n // 3] for i in range(3)]
+
+
+def score_summary(scores: dict[str, dict[str, list[float]]], tau: float) -> list[dict[str, Any]]:
+    """Per warm-up length: how scores follow depth, agree across seeds, and what the rule would freeze.
+
+    Args:
+        scores: seed -> ``str(W)`` -> normalized block scores (from :func:`score_run`).
+        tau: The final threshold of the default rule.
+    """
+    seeds = sorted(scores)
+    rows = []
+    for w in sorted(scores[seeds[0]], key=int):
+        per_seed = [scores[seed][w] for seed in seeds]
+        depth = list(range(len(per_seed[0])))
+        names = [f"{i:03d}" for i in depth]
+        prefixes = [
+            len(lower_prefix(names, dict(zip(names, values, strict=True)), tau)) for values in per_seed
+        ]
+        cross = [spearman(a, b) for a, b in itertools.combinations(per_seed, 2)]
+        rows.append(
+            {
+                "warmup": int(w),
+                "depth_spearman": [spearman(values, depth) for values in per_seed],
+                "cross_seed_spearman": statistics.fmean(cross) if cross else None,
+                "block0_score": [values[0] for values in per_seed],
+                "prefix": prefixes,
+                "mean_by_third": [
+                    statistics.fmean(statistics.fmean(third) for third in thirds)
+                    for thirds in zip(*(_thirds(v) for v in per_seed), strict=True)
+                ],
+            }
+        )
+    return rows
+
+
 def train_run(
     model: nn.Module,
     train_data: dict[str, torch.Tensor],
@@ -388,6 +498,7 @@ def train_run(
     memory is read from step ``peak_from`` on (pass SAFE's warm-up length to both variants).
     """
     model.to(device).train()
+    adapter_blocks = [block_index(pair.name) for pair in find_adapter_pairs(model)]
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     optimizer: torch.optim.Optimizer = inner
     safe = None if config is None else SAFEOptimizer(inner, model, config)
@@ -452,7 +563,10 @@ def train_run(
         result["events"] = [
             {"step": e.step, "units": list(e.units), "adapters": list(e.adapters)} for e in safe.plan.events
         ]
-        result["frozen_blocks"] = sorted({block_index(name) for name in safe.frozen_adapters})
+        frozen = [block_index(name) for name in safe.frozen_adapters]
+        result["frozen_blocks"] = sorted(set(frozen))
+        # Blocks all of whose adapters froze: only these can be part of a frozen lower prefix.
+        result["full_blocks"] = sorted(b for b in set(frozen) if frozen.count(b) == adapter_blocks.count(b))
         result["config"] = config.to_dict() if config is not None else None
         plan = safe.plan
         result["block_scores"] = [
@@ -539,7 +653,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "steady_flops": v["step_flops"][-1],
                 "steady_saved_bytes": v["step_saved_bytes"][-1],
                 "median_step_s": _median(v["step_s"][run["freeze_end"] :]),
-                "prefix": _prefix(v["frozen_blocks"]),
+                "prefix": _prefix(v.get("full_blocks", v["frozen_blocks"])),
             }
             for name, v in variants.items()
         }
@@ -709,6 +823,8 @@ def render(results: dict[str, Any]) -> str:
     lines += [f"- {line}" for line in findings(results, summary)]
     if results.get("run"):
         lines += ["", *_run_section(results, summary)]
+    if results.get("scores"):
+        lines += ["", *_scores_section(results)]
     for other in results.get("attached", []):
         lines += ["", *_attached_section(results, other)]
     lines += ["", "## Time taken", ""]
@@ -794,7 +910,20 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"{config['warmup_steps']} steps, threshold ramp to step {config['freeze_end_step']}), every "
         "other field at its default "
         f"(`order={config['order']!r}`, `normalization={config['normalization']!r}`, "
-        f"`tau_target={config['tau_target']}`, `merge={config.get('merge')}`). Both runs see the "
+        f"`tau_target={config['tau_target']}`, `merge={config.get('merge')}`)"
+        + (
+            '; position: the default with `order="depth"` (as many blocks as the threshold allows, '
+            "the lowest ones, whatever they score)"
+            if "position" in run["variants"]
+            else ""
+        )
+        + (
+            "; paper's rule: `SAFEConfig.paper(...)` with the same warm-up and ramp (per-adapter "
+            "units, scores over the top score, every adapter below the threshold freezes, no merge)"
+            if "paper" in run["variants"]
+            else ""
+        )
+        + ". All runs see the "
         "same data in the same order and start from the same weights. Accuracy and macro-F1 are "
         f"on {run['eval_size']} test "
         f"snippets (every {run['eval_every']}th of the {run['test_size']}; majority class "
@@ -805,8 +934,9 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         "| steady saved MiB | final optimizer KiB | train s | median step ms after freezing |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, v in (("LoRA", lora), ("SAFE", safe)):
-        x = summary["run"]["lora" if name == "LoRA" else "safe"]
+    labels = {"lora": "LoRA", "safe": "SAFE (default)", "position": "position", "paper": "paper's rule"}
+    for key, v in run["variants"].items():
+        x, name = summary["run"][key], labels.get(key, key)
         lines.append(
             f"| {name} | {v['accuracy']:.3f} | {v['macro_f1']:.3f} | {_g(x['mean_flops'])} "
             f"| {x['total_flops'] / 1e12:.2f} | {_g(x['steady_flops'])} | {_mb(x['steady_saved_bytes'])} "
@@ -818,7 +948,23 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             f"Peak memory from step {lora['peak_from_step']} on: LoRA {_mb(lora['peak_bytes'] or 0)} MiB, "
             f"SAFE {_mb(safe['peak_bytes'] or 0)} MiB.",
         ]
-    lines += ["", "Freeze events (`optimizer.plan.events`):", ""]
+    others = [k for k in run["variants"] if k not in ("lora", "safe")]
+    if others:
+        lines += [""]
+        for key in others:
+            v, x, base = run["variants"][key], summary["run"][key], summary["run"]["lora"]
+            frozen = {a for e in v["events"] for a in e["adapters"]}
+            lines.append(
+                f"- {labels.get(key, key)}: froze {len(frozen)} of {2 * run['layers']} adapters "
+                f"(in blocks {_blocks(v['frozen_blocks'])}; every adapter of blocks "
+                f"{_blocks(v.get('full_blocks', v['frozen_blocks']))}, a lower prefix of {x['prefix']} "
+                f"blocks), first at step {v['events'][0]['step'] if v['events'] else '-'}; steady step "
+                f"{x['steady_flops'] / base['steady_flops']:.2f}x LoRA's FLOPs and "
+                f"{x['steady_saved_bytes'] / base['steady_saved_bytes']:.2f}x its "
+                f"saved activations, whole run {x['total_flops'] / base['total_flops']:.2f}x "
+                f"its FLOPs; accuracy {v['accuracy'] - lora['accuracy']:+.3f} against LoRA."
+            )
+    lines += ["", "SAFE's freeze events (`optimizer.plan.events`):", ""]
     if safe["events"]:
         lines += ["| step | blocks frozen | adapters |", "| --- | --- | --- |"]
         for event in safe["events"]:
@@ -870,6 +1016,53 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
                 f"so the prefix stopped there. The {best} blocks the threshold would let freeze, the "
                 f"lowest-scoring ones, are {_blocks([b['block'] for b in lowest])}.",
             ]
+    return lines
+
+
+def _scores_section(results: dict[str, Any]) -> list[str]:
+    """Do SAFE's block scores favour a lower prefix at depth, and would a longer warm-up help?"""
+    sc = results["scores"]
+    tau = results["meta"]["tau_target"]
+    n, seeds = sc["layers"], sc["seeds"]
+    best = frozen_share(n, tau)
+    lines = [
+        f"## Do the scores allow a lower prefix at N = {n}?",
+        "",
+        f"One run per seed ({', '.join(map(str, seeds))}) of {sc['steps']} steps at N = {n}, scored "
+        "throughout and freezing nothing (`tau_target=0`), so it trains as plain LoRA does; the "
+        "statistics are sums over the scored steps, so the running block scores after step W are "
+        f"those SAFE would finalize with `warmup_steps=W` (the default for this run is "
+        f"W = {sc['default_warmup']}). Scores are rank-normalized as by default (the share of blocks "
+        'scoring lower). "Prefix" is how many blocks the default rule would freeze with these '
+        f"scores once the threshold reaches {tau} (at most {best}).",
+        "",
+        "| W | Spearman of score with block index, per seed | cross-seed Spearman, mean | block 0's "
+        "score, per seed | mean score of the lowest / middle / top third | prefix, per seed |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in sc["summary"]:
+        cross = row["cross_seed_spearman"]
+        lines.append(
+            f"| {row['warmup']} | {', '.join(f'{v:+.2f}' for v in row['depth_spearman'])} "
+            f"| {'-' if cross is None else f'{cross:+.2f}'} "
+            f"| {', '.join(f'{v:.2f}' for v in row['block0_score'])} "
+            f"| {' / '.join(f'{v:.2f}' for v in row['mean_by_third'])} "
+            f"| {', '.join(str(v) for v in row['prefix'])} |"
+        )
+    first = sc["summary"][0]
+    last = sc["summary"][-1]
+    lines += [
+        "",
+        f"At W = {first['warmup']} the scores fall with depth in every seed (Spearman "
+        f"{_span(first['depth_spearman'])}) and agree across seeds ({first['cross_seed_spearman']:+.2f}): "
+        "on this model the low blocks' adapters change their outputs the most early in training, the "
+        "reverse of what the paper reports (adapters near the input settle first), and no warm-up "
+        f"length up to {last['warmup']} steps lets the default rule freeze more than "
+        f"{max(max(r['prefix']) for r in sc['summary'])} of the {best} blocks it allows. The prefix rule "
+        "freezes a block only when SAFE's own score says it changes little, so here it keeps the "
+        'lower blocks training and saves nothing; `order="depth"` (position in the run above) '
+        "freezes them anyway, against the scores.",
+    ]
     return lines
 
 
@@ -997,6 +1190,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-minilm", action="store_true", help="leave MiniLM-L6 out of the table")
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(run_configs(100)),
+        choices=list(run_configs(100)),
+        help="variants of the N=30 training run",
+    )
+    parser.add_argument(
+        "--score-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the score-vs-depth runs"
+    )
+    parser.add_argument(
+        "--keep-table",
+        action="store_true",
+        help="reuse the depth table, MiniLM row and attached runs of the existing --results file",
+    )
+    parser.add_argument(
         "--random-init",
         action="store_true",
         help="random weights from the cached config.json (for machines without the model file): "
@@ -1042,27 +1250,37 @@ def main(argv: list[str] | None = None) -> int:
     timings["model_and_data"] = time.perf_counter() - tick
     batch = to({k: v[: settings.batch_size] for k, v in data["train"].items()}, args.device)
 
-    tick = time.perf_counter()
-    rows = []
-    for n in args.layers:
-        print(f"depth {n}: counting LoRA and SAFE's steady state", flush=True)
-        build = lambda n=n: build_classifier(folder, n, settings, args.seed, random_init=args.random_init)  # noqa: E731
-        rows.append(depth_row(build, n, batch, settings, tau, args.device))
-    timings["depth_table"] = time.perf_counter() - tick
-    minilm = None
-    if not args.no_minilm:
+    kept: dict[str, Any] = {}
+    if args.keep_table:
+        kept = json.loads(args.results.read_text())
+        rows, minilm = kept["depth"], kept["minilm"]
+        timings.update({k: v for k, v in kept["meta"]["timings_s"].items() if k in ("depth_table", "minilm")})
+    else:
         tick = time.perf_counter()
-        minilm = minilm_row(train_split, settings, tau, args.device, args.seed)
-        timings["minilm"] = time.perf_counter() - tick
+        rows = []
+        for n in args.layers:
+            print(f"depth {n}: counting LoRA and SAFE's steady state", flush=True)
+            build = lambda n=n: build_classifier(folder, n, settings, args.seed, random_init=args.random_init)  # noqa: E731
+            rows.append(depth_row(build, n, batch, settings, tau, args.device))
+        timings["depth_table"] = time.perf_counter() - tick
+        minilm = None
+        if not args.no_minilm:
+            tick = time.perf_counter()
+            minilm = minilm_row(train_split, settings, tau, args.device, args.seed)
+            timings["minilm"] = time.perf_counter() - tick
 
     run = None
     if args.steps > 0:
         layers = config.num_hidden_layers
-        safe_config = SAFEConfig.for_run(args.steps)
+        configs = run_configs(args.steps)
+        safe_config = configs["safe"]
+        assert safe_config is not None
         eval_data = subset(data["test"], args.eval_size)
         every = max(1, data["test"]["labels"].shape[0] // args.eval_size)
         variants = {}
-        for name, cfg in (("lora", None), ("safe", safe_config)):
+        for name, cfg in configs.items():
+            if name not in args.variants and name not in ("lora", "safe"):
+                continue
             print(f"training run, {name}: {args.steps} steps at N={layers}", flush=True)
             tick = time.perf_counter()
             model = build_classifier(folder, layers, settings, args.seed, random_init=args.random_init)
@@ -1094,6 +1312,29 @@ def main(argv: list[str] | None = None) -> int:
             "variants": variants,
         }
 
+    scores = None
+    if args.steps > 0 and args.score_seeds:
+        checkpoints = sorted({max(1, round(args.steps * q)) for q in (0.25, 0.5, 0.75, 1.0)})
+        layers = config.num_hidden_layers
+        tick = time.perf_counter()
+        by_seed = {}
+        for seed in args.score_seeds:
+            print(f"scores vs depth, seed {seed}: {args.steps} scored steps at N={layers}", flush=True)
+            model = build_classifier(folder, layers, settings, seed, random_init=args.random_init)
+            by_seed[str(seed)] = score_run(
+                model, data["train"], settings, args.steps, seed, args.device, checkpoints
+            )
+            del model
+        timings["score_runs"] = time.perf_counter() - tick
+        scores = {
+            "layers": layers,
+            "steps": args.steps,
+            "default_warmup": SAFEConfig.for_run(args.steps).warmup_steps,
+            "seeds": args.score_seeds,
+            "scores": by_seed,
+            "summary": score_summary({int(k): v for k, v in by_seed.items()}, tau),
+        }
+
     results: dict[str, Any] = {
         "meta": {
             "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
@@ -1115,7 +1356,10 @@ def main(argv: list[str] | None = None) -> int:
         "depth": rows,
         "minilm": minilm,
         "run": run,
+        "scores": scores,
     }
+    if kept.get("attached"):
+        results["attached"] = kept["attached"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.results}")

@@ -209,6 +209,7 @@ def test_train_run_counts_once_per_situation_and_records_the_freezes(folder: Pat
     assert [e["step"] for e in run["events"]] == sorted(e["step"] for e in run["events"])
     frozen = sorted({depth.block_index(a) for e in run["events"] for a in e["adapters"]})
     assert frozen and run["frozen_blocks"] == frozen == list(range(len(frozen)))  # a lower prefix
+    assert run["full_blocks"] == frozen  # block units: a block freezes with both its adapters
     assert 0.0 <= run["accuracy"] <= 1.0 and run["config"] == config.to_dict()
 
 
@@ -392,7 +393,7 @@ def test_render_states_the_command_and_the_numbers() -> None:
     )
     assert "| SmolLM2-135M-Instruct | 30 | 24 (0-23) | 120.0 | 75.0 | 0.62 |" in page
     assert "| MiniLM-L6 | 6 | 5 (0-4) |" in page
-    assert "| SAFE | 0.800 | 0.750 | 0.0 | 0.00 | 0.0 | 1.0 | 1 | 12 | 500 |" in page
+    assert "| SAFE (default) | 0.800 | 0.750 | 0.0 | 0.00 | 0.0 | 1.0 | 1 | 12 | 500 |" in page
     assert "| 3 | 0-2 | 6 |\n| 4 | 3-4 | 4 |" in page
     assert "a lower prefix of 5 of 30 blocks, against the best case of 24" in page
     assert (
@@ -451,3 +452,88 @@ def test_from_json_and_attach_render_the_page(tmp_path: Path) -> None:
     # Attaching again replaces that device's section instead of adding a second one.
     depth.main(["--attach", str(other), "--results", str(results), "--docs", str(docs)])
     assert docs.read_text().count("## On `cuda`") == 1
+
+
+def test_run_configs_are_the_default_position_and_paper_rules_on_one_schedule() -> None:
+    configs = depth.run_configs(100)
+    assert configs["lora"] is None
+    assert configs["safe"] == SAFEConfig.for_run(100)
+    assert configs["position"] == SAFEConfig.for_run(100, order="depth")
+    assert configs["paper"] == SAFEConfig.paper(warmup_steps=25, freeze_end_step=50)
+
+
+def test_train_run_counts_only_wholly_frozen_blocks_towards_the_prefix(folder: Path) -> None:
+    settings = depth.Settings(batch_size=4)
+    data = {k: torch.cat([v] * 4) for k, v in _batch(n=4, seed=1).items()}
+    # Per-adapter units, lowest first: round(0.4 * 8) = 3 adapters, block 0's two and block 1's
+    # q_proj, whose v_proj still trains.
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=3, units="adapter", order="depth", tau_target=0.4)
+    model = depth.build_classifier(folder, 4, settings, seed=0)
+    run = depth.train_run(model, data, _batch(), settings, steps=5, seed=0, device="cpu", config=config)
+    frozen = [a for e in run["events"] for a in e["adapters"]]
+    assert [depth.block_index(a) for a in frozen] == [0, 0, 1]
+    assert [a.rsplit(".", 1)[-1] for a in frozen] == ["q_proj", "v_proj", "q_proj"]
+    assert run["frozen_blocks"] == [0, 1] and run["full_blocks"] == [0]
+    assert (
+        depth.summarize({"depth": [], "run": {"freeze_end": 3, "variants": {"x": run}}})["run"]["x"]["prefix"]
+        == 1
+    )
+
+
+def test_spearman_is_one_for_the_same_order_and_minus_one_reversed() -> None:
+    assert depth.spearman([0.1, 0.5, 0.2], [1, 3, 2]) == pytest.approx(1.0)
+    assert depth.spearman([0.1, 0.5, 0.2], [3, 1, 2]) == pytest.approx(-1.0)
+    assert depth.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+def test_score_summary_reads_depth_trend_agreement_and_the_prefix_the_rule_allows() -> None:
+    rising = [(i + 0.5) / 6 for i in range(6)]  # rank-normalized, lowest block lowest
+    falling = rising[::-1]
+    scores = {0: {"5": falling, "10": rising}, 1: {"5": falling, "10": rising}}
+    rows = depth.score_summary(scores, tau=0.67)
+    assert [r["warmup"] for r in rows] == [5, 10]
+    early, late = rows
+    assert early["depth_spearman"] == pytest.approx([-1.0, -1.0])
+    assert late["depth_spearman"] == pytest.approx([1.0, 1.0])
+    assert early["cross_seed_spearman"] == pytest.approx(1.0)
+    assert early["block0_score"] == [falling[0]] * 2
+    # Block 0 at the top stops the prefix at once; scores rising with depth let 4 of 6 freeze.
+    assert early["prefix"] == [0, 0] and late["prefix"] == [4, 4]
+    assert early["mean_by_third"] == pytest.approx([(11 / 12 + 9 / 12) / 2, 0.5, (3 / 12 + 1 / 12) / 2])
+
+
+def test_score_run_freezes_nothing_and_snapshots_the_running_scores(folder: Path) -> None:
+    settings = depth.Settings(batch_size=4)
+    data = {k: torch.cat([v] * 4) for k, v in _batch(n=4, seed=1).items()}
+    model = depth.build_classifier(folder, 4, settings, seed=0)
+    out = depth.score_run(model, data, settings, 4, 0, "cpu", [2, 4])
+    assert sorted(out, key=int) == ["2", "4"]
+    for values in out.values():  # rank-normalized: each block's share of lower-scoring blocks
+        assert sorted(values) == pytest.approx([(i + 0.5) / 4 for i in range(4)])
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_render_shows_the_scores_against_depth() -> None:
+    results = _results()
+    results["scores"] = {
+        "layers": 30,
+        "steps": 8,
+        "default_warmup": 2,
+        "seeds": [0, 1],
+        "scores": {},
+        "summary": [
+            {
+                "warmup": 2,
+                "depth_spearman": [-0.7, -0.65],
+                "cross_seed_spearman": 0.8,
+                "block0_score": [0.98, 0.95],
+                "prefix": [0, 1],
+                "mean_by_third": [0.7, 0.5, 0.3],
+            }
+        ],
+    }
+    page = depth.render(results)
+    assert "## Do the scores allow a lower prefix at N = 30?" in page
+    assert "| 2 | -0.70, -0.65 | +0.80 | 0.98, 0.95 | 0.70 / 0.50 / 0.30 | 0, 1 |" in page
+    assert "(Spearman -0.70 to -0.65)" in page
+    assert "freeze more than 1 of the 24 blocks it allows" in page
