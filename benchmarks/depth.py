@@ -401,7 +401,7 @@ def score_run(
     seed: int,
     device: str,
     checkpoints: list[int],
-) -> dict[str, list[float]]:
+) -> dict[str, Any]:
     """SAFE's block scores after each of ``checkpoints`` warm-up steps, in one run.
 
     The warm-up lasts all ``steps`` and ``tau_target`` is 0, so nothing freezes and the run
@@ -412,13 +412,13 @@ def score_run(
     Returns:
         ``str(W)`` -> normalized score per block, lowest block first.
     """
+    out: dict[str, Any] = {}
     model.to(device).train()
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     config = SAFEConfig(warmup_steps=steps, freeze_end_step=steps, tau_target=0.0, seed=seed)
     safe = SAFEOptimizer(inner, model, config)
     steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
     task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
-    out: dict[str, list[float]] = {}
     for step, batch in enumerate(itertools.islice(batches(train_data, task, seed), steps), start=1):
         model(**to(batch, device)).loss.backward()
         safe.step()
@@ -434,6 +434,54 @@ def score_run(
     return out
 
 
+@torch.no_grad()
+def output_scales(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per adapter on ``batch`` (eval mode): how large its base output and its LoRA update are.
+
+    Linear CKA compares centered outputs, so for a small update ``1 - CKA`` grows with
+    ``(|delta| / |base|)^2``: the same update scores higher where the base output is small.
+
+    Returns:
+        Per adapter, in model order: block, projection, the Frobenius norms of the centered
+        base output and of the centered update over the real tokens, and ``1 - CKA``.
+    """
+    from safefreeze.cka import linear_cka
+
+    mask = batch["attention_mask"].bool()  # (B, T)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            base = module.base_layer(args[0])  # type: ignore[operator]
+            seen[name] = (base[mask].double(), (output - base)[mask].double())  # (tokens, features)
+
+        return record
+
+    pairs = find_adapter_pairs(model)
+    handles = [model.get_submodule(p.site).register_forward_hook(hook(p.name)) for p in pairs]
+    was_training = model.training
+    model.eval()
+    try:
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for pair in pairs:
+        base, delta = seen[pair.name]
+        rows.append(
+            {
+                "block": block_index(pair.name),
+                "projection": pair.site.rsplit(".", 1)[-1],
+                "base_norm": float((base - base.mean(0)).norm()),
+                "delta_norm": float((delta - delta.mean(0)).norm()),
+                "score": 1.0 - float(linear_cka(base, base + delta)),
+            }
+        )
+    return rows
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman rank correlation of two equally long lists without ties."""
     ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
@@ -446,6 +494,37 @@ def _thirds(values: list[float]) -> list[list[float]]:
     """The lowest, middle and top third of ``values`` (in model order)."""
     n = len(values)
     return [values[i * n // 3 : (i + 1) * n // 3] for i in range(3)]
+
+
+def scale_summary(scales: dict[int, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per projection, mean over seeds: how output scales and ``1 - CKA`` follow depth.
+
+    Args:
+        scales: seed -> :func:`output_scales` rows.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for projection in sorted({r["projection"] for rows in scales.values() for r in rows}):
+        figures: dict[str, list[float]] = {}
+        for rows in scales.values():
+            mine = [r for r in rows if r["projection"] == projection]
+            depth = [float(r["block"]) for r in mine]
+            base = [r["base_norm"] for r in mine]
+            delta = [r["delta_norm"] for r in mine]
+            score = [r["score"] for r in mine]
+            ratio = [(d / b) ** 2 for d, b in zip(delta, base, strict=True)]
+            for key, value in (
+                ("depth_base", spearman(base, depth)),
+                ("depth_delta", spearman(delta, depth)),
+                ("depth_score", spearman(score, depth)),
+                ("score_ratio", spearman(score, ratio)),
+                ("base_first", base[0]),
+                ("base_last", base[-1]),
+                ("delta_first", delta[0]),
+                ("delta_last", delta[-1]),
+            ):
+                figures.setdefault(key, []).append(value)
+        out[projection] = {key: statistics.fmean(values) for key, values in figures.items()}
+    return out
 
 
 def score_summary(scores: dict[str, dict[str, list[float]]], tau: float) -> list[dict[str, Any]]:
@@ -1063,6 +1142,52 @@ def _scores_section(results: dict[str, Any]) -> list[str]:
         'lower blocks training and saves nothing; `order="depth"` (position in the run above) '
         "freezes them anyway, against the scores.",
     ]
+    scales = sc.get("scale_summary")
+    if scales:
+        lines += [
+            "",
+            f"What the scores follow: after the last step, on {sc['probe_size']} test snippets in eval mode, "
+            "each adapter's centered base output and centered LoRA update (Frobenius norms over the real "
+            "tokens), and its `1 - CKA` between base and adapted output; mean over the seeds.",
+            "",
+            "| projection | Spearman with block index: base output norm | update norm | 1 - CKA "
+            "| Spearman of 1 - CKA with (update / base)^2 | base output norm, block 0 / top block "
+            "| update norm, block 0 / top block |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for projection, x in scales.items():
+            lines.append(
+                f"| `{projection}` | {x['depth_base']:+.2f} | {x['depth_delta']:+.2f} "
+                f"| {x['depth_score']:+.2f} | {x['score_ratio']:+.2f} "
+                f"| {x['base_first']:.1f} / {x['base_last']:.1f} "
+                f"| {x['delta_first']:.2f} / {x['delta_last']:.2f} |"
+            )
+        follows = min(x["score_ratio"] for x in scales.values())
+        falling = [  # the base output outgrows the update, and the score falls with depth
+            p
+            for p, x in scales.items()
+            if x["base_last"] / x["base_first"] > x["delta_last"] / x["delta_first"] and x["depth_score"] < 0
+        ]
+        lines += [
+            "",
+            f"`1 - CKA` follows (update / base)^2 (Spearman {follows:+.2f} or more): linear CKA compares "
+            "the outputs' shapes, so an update of a given size scores higher where the base output is "
+            "small. From block 0 to the top block the base output grows "
+            + " and ".join(
+                f"{x['base_last'] / x['base_first']:.0f}x (the update "
+                f"{x['delta_last'] / x['delta_first']:.0f}x) for `{p}`"
+                for p, x in scales.items()
+            )
+            + "."
+            + (
+                f" Where the base output grows faster ({', '.join(f'`{p}`' for p in falling)}), the score "
+                "falls with depth, and a block scores as its highest-scoring adapter: the ranking measures "
+                "how large each update is next to its base output, and the low blocks, whose base outputs "
+                "are small, rank high."
+                if falling
+                else ""
+            ),
+        ]
     return lines
 
 
@@ -1200,6 +1325,11 @@ def main(argv: list[str] | None = None) -> int:
         "--score-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the score-vs-depth runs"
     )
     parser.add_argument(
+        "--keep-run",
+        action="store_true",
+        help="reuse the N=30 training run of the existing --results file",
+    )
+    parser.add_argument(
         "--keep-table",
         action="store_true",
         help="reuse the depth table, MiniLM row and attached runs of the existing --results file",
@@ -1270,7 +1400,11 @@ def main(argv: list[str] | None = None) -> int:
             timings["minilm"] = time.perf_counter() - tick
 
     run = None
-    if args.steps > 0:
+    if args.keep_run:
+        kept = kept or json.loads(args.results.read_text())
+        run = kept["run"]
+        timings.update({k: v for k, v in kept["meta"]["timings_s"].items() if k.startswith("run_")})
+    elif args.steps > 0:
         layers = config.num_hidden_layers
         configs = run_configs(args.steps)
         safe_config = configs["safe"]
@@ -1316,14 +1450,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps > 0 and args.score_seeds:
         checkpoints = sorted({max(1, round(args.steps * q)) for q in (0.25, 0.5, 0.75, 1.0)})
         layers = config.num_hidden_layers
+        probe = to(subset(data["test"], 32), args.device)
         tick = time.perf_counter()
-        by_seed = {}
+        by_seed, scales = {}, {}
         for seed in args.score_seeds:
             print(f"scores vs depth, seed {seed}: {args.steps} scored steps at N={layers}", flush=True)
             model = build_classifier(folder, layers, settings, seed, random_init=args.random_init)
             by_seed[str(seed)] = score_run(
                 model, data["train"], settings, args.steps, seed, args.device, checkpoints
             )
+            scales[str(seed)] = output_scales(model, probe)
             del model
         timings["score_runs"] = time.perf_counter() - tick
         scores = {
@@ -1333,6 +1469,9 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.score_seeds,
             "scores": by_seed,
             "summary": score_summary({int(k): v for k, v in by_seed.items()}, tau),
+            "scales": scales,
+            "scale_summary": scale_summary({int(k): v for k, v in scales.items()}),
+            "probe_size": probe["labels"].shape[0],
         }
 
     results: dict[str, Any] = {

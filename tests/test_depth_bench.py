@@ -537,3 +537,45 @@ def test_render_shows_the_scores_against_depth() -> None:
     assert "| 2 | -0.70, -0.65 | +0.80 | 0.98, 0.95 | 0.70 / 0.50 / 0.30 | 0, 1 |" in page
     assert "(Spearman -0.70 to -0.65)" in page
     assert "freeze more than 1 of the 24 blocks it allows" in page
+    assert "What the scores follow" not in page  # no output scales recorded
+    figures = {"depth_base": 0.9, "depth_delta": 0.6, "depth_score": -0.7, "score_ratio": 0.85}
+    results["scores"]["probe_size"] = 32
+    results["scores"]["scale_summary"] = {
+        "q_proj": {**figures, "depth_score": 0.2, "base_first": 300.0, "base_last": 600.0}
+        | {"delta_first": 0.5, "delta_last": 2.0},
+        "v_proj": {**figures, "base_first": 10.0, "base_last": 400.0, "delta_first": 0.5, "delta_last": 2.0},
+    }
+    page = depth.render(results)
+    assert "| `v_proj` | +0.90 | +0.60 | -0.70 | +0.85 | 10.0 / 400.0 | 0.50 / 2.00 |" in page
+    assert "grows 2x (the update 4x) for `q_proj` and 40x (the update 4x) for `v_proj`" in page
+    assert "Where the base output grows faster (`v_proj`), the score falls with depth" in page
+
+
+def test_output_scales_measure_each_update_against_its_base_output(folder: Path) -> None:
+    model = depth.build_classifier(folder, 3, depth.Settings(), seed=0)
+    with torch.no_grad():  # PEFT starts B at zero: give every adapter an update, block 2's tiny
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-4 if ".layers.2." in name else 0.1)
+    rows = depth.output_scales(model, _batch())
+    assert [(r["block"], r["projection"]) for r in rows] == [
+        (b, p) for b in range(3) for p in ("q_proj", "v_proj")
+    ]
+    assert all(r["base_norm"] > 0 and r["delta_norm"] > 0 and 0 <= r["score"] < 1 for r in rows)
+    # A smaller update next to its base output changes CKA less.
+    scores = {(r["block"], r["projection"]): r["score"] for r in rows}
+    assert scores[(2, "v_proj")] < min(scores[(0, "v_proj")], scores[(1, "v_proj")])
+    assert model.training  # the mode is restored
+
+
+def test_scale_summary_relates_scores_to_depth_and_output_scale() -> None:
+    rows = [
+        {"block": b, "projection": "v_proj", "base_norm": 10.0 * (b + 1), "delta_norm": 1.0}
+        | {"score": 1 / (b + 1)}
+        for b in range(4)
+    ]
+    summary = depth.scale_summary({0: rows, 1: rows})
+    v = summary["v_proj"]
+    assert v["depth_base"] == pytest.approx(1.0) and v["depth_score"] == pytest.approx(-1.0)
+    assert v["score_ratio"] == pytest.approx(1.0)  # the score ranks as (update / base)^2
+    assert (v["base_first"], v["base_last"], v["delta_first"], v["delta_last"]) == (10.0, 40.0, 1.0, 1.0)
