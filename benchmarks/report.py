@@ -1,10 +1,11 @@
 """Render ``docs/benchmarks.md`` and its plots from the JSON results under ``benchmarks/results``.
 
 Sections come from whichever of these exist: ``rotten_cpu.json`` (the main table),
-``rotten_cuda.json`` (peak memory and step time on a GPU) and ``drugreview.json`` (the older,
-smaller benchmark). Run ``python benchmarks/report.py [--results DIR] [--docs DIR]`` to
-re-render without training, or load it as a module: it imports nothing from beside it, and
-``rotten.py`` and ``drugreview.py`` call :func:`render` after training.
+``rotten_cuda.json`` (peak memory and step time on a GPU) and ``drugreview.json`` (a second,
+smaller task that SAFE's defaults were not chosen on). Run
+``python benchmarks/report.py [--results DIR] [--docs DIR]`` to re-render without training,
+or load it as a module: it imports nothing from beside it, and ``rotten.py`` and
+``drugreview.py`` call :func:`render` after training.
 """
 
 from __future__ import annotations
@@ -861,11 +862,11 @@ def drug_targets(data: dict[str, Any], s: dict[str, dict[str, float]]) -> list[t
 
 
 def drug_section(data: dict[str, Any], images: Path, prefix: str = "bench_drug_") -> list[str]:
-    """The older drug-review benchmark: a small data set, several epochs; plots named ``prefix...``."""
+    """The drug-review benchmark: a small data set, several epochs; plots named ``prefix...``."""
     s = summarize(data)
     lora, task, cfg = s["lora"], data["task"], data["config"]
     plot_saved_bytes(data, images / f"{prefix}saved_bytes.png")
-    plot_timeline(data, images / f"{prefix}timeline.png")
+    plot_timelines(data, images / f"{prefix}timeline.png")
     lines = [
         "## Drug reviews: a second task, defaults untuned",
         "",
@@ -890,7 +891,8 @@ def drug_section(data: dict[str, Any], images: Path, prefix: str = "bench_drug_"
             if "steps_per_epoch" in data
             else ""
         )
-        + "; oracle and position as above. Figures saved in `benchmarks/results/drugreview.json`.",
+        + "; oracle and position as above. Figures saved in `benchmarks/results/drugreview.json`."
+        + (f" {data['note']}" if data.get("note") else ""),
         "",
         "| variant | accuracy | macro-F1 | units frozen | total TFLOPs | x LoRA "
         "| saved for backward, mean MiB | x LoRA | optimizer state, mean KiB | wall time s | x LoRA |",
@@ -929,7 +931,10 @@ def drug_section(data: dict[str, Any], images: Path, prefix: str = "bench_drug_"
         "",
         f"![drug reviews: bytes saved for backward per step](images/{prefix}saved_bytes.png)",
         "",
-        f"![drug reviews: freeze timeline, seed {data['seeds'][0]}](images/{prefix}timeline.png)",
+        "When SAFE froze each block, one timeline per seed (top to bottom: seeds "
+        f"{', '.join(str(seed) for seed in _safe_seeds(data))}):",
+        "",
+        f"![drug reviews: freeze timelines](images/{prefix}timeline.png)",
         "",
     ]
     return lines
