@@ -828,9 +828,16 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, float]]:
         if variant == "lora" and all("budget_step" in r for r in runs):
             # A LoRA run that never reached SAFE's FLOPs (SAFE froze nothing, and scoring
             # costs a little) fits in SAFE's budget whole.
-            rows["budget_accuracy"] = [r["budget_accuracy"] or r["accuracy"] for r in runs]
-            rows["budget_macro_f1"] = [r["budget_macro_f1"] or r["macro_f1"] for r in runs]
-            rows["budget_step"] = [r["budget_step"] or len(r["step_flops"]) for r in runs]
+            whole = [r["budget_step"] is None for r in runs]
+            rows["budget_accuracy"] = [
+                r["accuracy"] if w else r["budget_accuracy"] for r, w in zip(runs, whole, strict=True)
+            ]
+            rows["budget_macro_f1"] = [
+                r["macro_f1"] if w else r["budget_macro_f1"] for r, w in zip(runs, whole, strict=True)
+            ]
+            rows["budget_step"] = [
+                len(r["step_flops"]) if w else r["budget_step"] for r, w in zip(runs, whole, strict=True)
+            ]
         out[variant] = {k: statistics.fmean(v) for k, v in rows.items()}
         out[variant].update({f"{k}_sd": mean_sd(v)[1] for k, v in rows.items()})
     return out
