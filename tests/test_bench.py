@@ -248,3 +248,19 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
     assert "```bash\npython3 -m nox -s bench\n```" in page
     for image in ("bench_saved_bytes.png", "bench_timeline.png"):
         assert (tmp_path / "images" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_run_cuts_lora_at_its_budget_or_keeps_it_whole() -> None:
+    budget = {"budget_step": 6, "budget_accuracy": 0.7, "budget_macro_f1": 0.6}
+    cut = report.budget_run(_run("lora", 0, 0.8, [10] * 10, [100] * 10, **budget))
+    assert (cut["variant"], cut["stopped_at"], cut["accuracy"], cut["macro_f1"]) == (
+        "lora_budget",
+        6,
+        0.7,
+        0.6,
+    )
+    assert cut["step_flops"] == [10] * 6 and cut["wall_time_s"] == 6.0
+    # Its FLOPs never reached SAFE's (SAFE froze nothing): the whole run fits in the budget.
+    whole = report.budget_run(_run("lora", 0, 0.8, [10] * 10, [100] * 10))
+    assert (whole["stopped_at"], whole["accuracy"], whole["macro_f1"]) == (10, 0.8, 0.8 - 0.1)
+    assert whole["step_flops"] == [10] * 10 and whole["wall_time_s"] == 10.0

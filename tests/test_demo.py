@@ -394,7 +394,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert runs["oracle"]["step_flops"][warmup:] == runs["safe"]["step_flops"][warmup:]
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "| target | bar | measured | met |" in page
-    assert "LoRA stopped at SAFE's FLOPs (step " in page
+    assert "| lora_budget | " in page and "lora_budget is LoRA stopped at SAFE's FLOPs: step " in page
     assert (tmp_path / "docs" / "images" / "bench_saved_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "docs" / "images" / "bench_timeline.png").read_bytes()[:4] == b"\x89PNG"
 
