@@ -50,6 +50,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -63,6 +64,21 @@ from safefreeze.measure import measure_step, optimizer_state_bytes
 from safefreeze.merge import merge as merge_site
 from safefreeze.merge import mergeable
 from safefreeze.selection import lower_prefix, normalize_scores
+
+
+def _sibling(name: str) -> ModuleType:
+    """``name.py`` beside this file, whether this runs as a script or is imported."""
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"safefreeze_benchmark_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Spearman rank correlation, ties sharing their mean rank and NaN positions left out.
+spearman = _sibling("score_signal").spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python benchmarks/depth.py"
@@ -480,14 +496,6 @@ def output_scales(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict
             }
         )
     return rows
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation of two equally long lists without ties."""
-    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
-    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def _thirds(values: list[float]) -> list[list[float]]:
