@@ -49,6 +49,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -393,6 +394,15 @@ def depth_row(
 # ---- the training run --------------------------------------------------------------------
 
 
+def training_batches(
+    train_data: dict[str, torch.Tensor], settings: Settings, steps: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``steps`` shuffled training batches of ``seed``, over as many epochs as needed."""
+    steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
+    task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
+    return itertools.islice(batches(train_data, task, seed), steps)
+
+
 def run_configs(steps: int) -> dict[str, SAFEConfig | None]:
     """The real run's variants for ``steps`` optimizer steps: name -> config (None: plain LoRA).
 
@@ -433,9 +443,7 @@ def score_run(
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     config = SAFEConfig(warmup_steps=steps, freeze_end_step=steps, tau_target=0.0, seed=seed)
     safe = SAFEOptimizer(inner, model, config)
-    steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
-    task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
-    for step, batch in enumerate(itertools.islice(batches(train_data, task, seed), steps), start=1):
+    for step, batch in enumerate(training_batches(train_data, settings, steps, seed), start=1):
         model(**to(batch, device)).loss.backward()
         safe.step()
         safe.zero_grad()
@@ -591,14 +599,12 @@ def train_run(
     safe = None if config is None else SAFEOptimizer(inner, model, config)
     if safe is not None:
         optimizer = safe
-    steps_per_epoch = train_data["labels"].shape[0] // settings.batch_size
-    task = TaskConfig(epochs=math.ceil(steps / steps_per_epoch), batch_size=settings.batch_size)
     reset_at = peak_from
     cuda = device.startswith("cuda")
     seen: dict[tuple[Any, ...], Any] = {}
     flops, saved, state, times, losses = [], [], [], [], []
     start = time.perf_counter()
-    for step, batch in enumerate(itertools.islice(batches(train_data, task, seed), steps)):
+    for step, batch in enumerate(training_batches(train_data, settings, steps, seed)):
         if cuda and step == reset_at:  # step 0: before anything ran
             _sync(device)
             torch.cuda.reset_peak_memory_stats()
