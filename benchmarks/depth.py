@@ -12,25 +12,26 @@ head (``SentenceClassifier``).
    one training step is counted with ``measure_step`` (FLOPs and bytes saved for
    backward: deterministic, machine-independent) for plain LoRA and for SAFE's steady
    state, modelled as the rule's best case: the lowest ``tau_target * N`` (rounded) blocks
-   frozen (``normalization="rank"`` lets that share of blocks freeze; the prefix rule
-   freezes them when the scores allow). The AdamW state is counted after that step, then
+   frozen (``normalization="rank"`` lets that share of blocks freeze, and the default
+   ``order="depth"`` takes the lowest ones). The AdamW state is counted after that step, then
    a few more steps are timed (median); on CUDA the peak allocated memory is read over
    those steps, after a reset that follows the counted (warm-up) step.
 2. A short real run on the full 30-layer model: plain LoRA vs ``SAFEOptimizer`` with the
-   default rule and schedule (``SAFEConfig.for_run(steps)``), the position-only rule
-   (``order="depth"``) and the paper's rule on the same schedule; one seed, the same data
+   default rule and schedule (``SAFEConfig.for_run(steps)``), the rule that lets the scores
+   pick the prefix (``order="prefix"``) and the paper's rule on the same schedule; one seed, the same data
    order, accuracy and macro-F1 on a fixed test subset. Each step's costs are counted the
    first time its situation (scoring or not, what is frozen) occurs and reused for later
    steps of the same situation.
 3. Scores against depth: per seed, one run scored for all its steps and freezing nothing;
    the running block scores after a quarter, a half, three quarters and all of the steps
    are those SAFE would finalize with that warm-up. How they follow depth, agree across
-   seeds, and how long a prefix the default rule would freeze with them.
+   seeds, and how long a prefix ``order="prefix"`` would freeze with them.
 
 Run ``python benchmarks/depth.py`` (about 25 minutes on one CPU thread); it writes
 ``benchmarks/results/depth.json`` and ``docs/depth.md``. ``--from-json`` re-renders the
 page; ``--attach OTHER.json`` adds another device's run (``--device cuda``) to the page;
-``--keep-table`` reruns parts 2 and 3 only, keeping the table and attached runs.
+``--keep-table`` reruns parts 2 and 3 only, keeping the table and attached runs; ``--keep-run``
+and ``--keep-scores`` keep part 2 or part 3.
 """
 
 from __future__ import annotations
@@ -406,15 +407,15 @@ def training_batches(
 def run_configs(steps: int) -> dict[str, SAFEConfig | None]:
     """The real run's variants for ``steps`` optimizer steps: name -> config (None: plain LoRA).
 
-    ``safe`` is the default; ``position`` the default with ``order="depth"`` (as many blocks
-    as the threshold allows, lowest first, whatever they score); ``paper`` the paper's rule
-    with the same warm-up and ramp.
+    ``safe`` is the default (as many blocks as the threshold allows, lowest first, whatever
+    they score); ``score-prefix`` the default with ``order="prefix"`` (the scores pick the
+    lower prefix); ``paper`` the paper's rule with the same warm-up and ramp.
     """
     default = SAFEConfig.for_run(steps)
     return {
         "lora": None,
         "safe": default,
-        "position": dataclasses.replace(default, order="depth"),
+        "score-prefix": dataclasses.replace(default, order="prefix"),
         "paper": SAFEConfig.paper(warmup_steps=default.warmup_steps, freeze_end_step=default.freeze_end_step),
     }
 
@@ -882,17 +883,31 @@ def render(results: dict[str, Any]) -> str:
         f"(alpha {s['alpha']}, dropout {s['lora_dropout']}) on `q_proj` and `v_proj` of every block "
         "(2 adapters per block), mean pooling over real tokens, a fresh linear head; AdamW "
         f"lr {s['lr']}.",
-        f"- SAFE in the depth table: the steady state after SAFE's default freezing, modelled as the "
-        f'rule\'s best case. Freeze units are blocks; `tau_target={tau}` with `normalization="rank"` '
-        f"lets {tau} N of the N blocks freeze (rounded to the nearest block, halves down), and the "
-        "prefix rule freezes the lowest ones, each only if it and every block below it score under "
-        f"the threshold. So the table freezes the LoRA of the lowest round({tau} N) blocks"
+        "- SAFE in the depth table: the steady state after SAFE's default freezing"
+        + (
+            ", modelled as the rule's best case"
+            if meta["safe_defaults"].get("order") == "prefix"
+            else " (its freezing ends there whatever the scores)"
+        )
+        + f'. Freeze units are blocks; `tau_target={tau}` with `normalization="rank"` '
+        f"lets {tau} N of the N blocks freeze (rounded to the nearest block, halves down), and "
+        + (
+            "the prefix rule freezes the lowest ones, each only if it and every block below it score "
+            "under the threshold"
+            if meta["safe_defaults"].get("order") == "prefix"
+            else 'the default `order="depth"` freezes the lowest ones'
+        )
+        + f". So the table freezes the LoRA of the lowest round({tau} N) blocks"
         + (
             " and merges it into the base weights, as SAFE does by default (`merge=True`)"
             if meta["safe_defaults"].get("merge")
             else ""
         )
-        + "; a real run can freeze a shorter prefix, and the run below shows the one it froze.",
+        + (
+            "; a real run can freeze a shorter prefix, and the run below shows the one it froze."
+            if meta["safe_defaults"].get("order") == "prefix"
+            else "; the run below shows when a real run froze them."
+        ),
         "",
         "## What the figures are",
         "",
@@ -1013,9 +1028,15 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"(`order={config['order']!r}`, `normalization={config['normalization']!r}`, "
         f"`tau_target={config['tau_target']}`, `merge={config.get('merge')}`)"
         + (
-            '; position: the default with `order="depth"` (as many blocks as the threshold allows, '
+            '; position: SAFE with `order="depth"` (as many blocks as the threshold allows, '
             "the lowest ones, whatever they score)"
             if "position" in run["variants"]
+            else ""
+        )
+        + (
+            '; score-prefix: the default with `order="prefix"` (the scores pick the lower prefix, '
+            "which stops below the lowest block scoring at or above the threshold)"
+            if "score-prefix" in run["variants"]
             else ""
         )
         + (
@@ -1035,7 +1056,13 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         "| steady saved MiB | final optimizer KiB | train s | median step ms after freezing |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    labels = {"lora": "LoRA", "safe": "SAFE (default)", "position": "position", "paper": "paper's rule"}
+    labels = {
+        "lora": "LoRA",
+        "safe": "SAFE (default)",
+        "position": "position",
+        "score-prefix": "score-prefix",
+        "paper": "paper's rule",
+    }
     for key, v in run["variants"].items():
         x, name = summary["run"][key], labels.get(key, key)
         lines.append(
@@ -1055,11 +1082,18 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         for key in others:
             v, x, base = run["variants"][key], summary["run"][key], summary["run"]["lora"]
             frozen = {a for e in v["events"] for a in e["adapters"]}
+            if not frozen:
+                lines.append(
+                    f"- {labels.get(key, key)}: froze nothing, so it trained as plain LoRA did: whole run "
+                    f"{x['total_flops'] / base['total_flops']:.2f}x LoRA's FLOPs, accuracy "
+                    f"{v['accuracy'] - lora['accuracy']:+.3f} against LoRA."
+                )
+                continue
             lines.append(
                 f"- {labels.get(key, key)}: froze {len(frozen)} of {2 * run['layers']} adapters "
                 f"(in blocks {_blocks(v['frozen_blocks'])}; every adapter of blocks "
                 f"{_blocks(v.get('full_blocks', v['frozen_blocks']))}, a lower prefix of {x['prefix']} "
-                f"blocks), first at step {v['events'][0]['step'] if v['events'] else '-'}; steady step "
+                f"blocks), first at step {v['events'][0]['step']}; steady step "
                 f"{x['steady_flops'] / base['steady_flops']:.2f}x LoRA's FLOPs and "
                 f"{x['steady_saved_bytes'] / base['steady_saved_bytes']:.2f}x its "
                 f"saved activations, whole run {x['total_flops'] / base['total_flops']:.2f}x "
@@ -1098,24 +1132,33 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     scores = [b for b in safe.get("block_scores", []) if b["normalized"] is not None]
     if scores:
         tau = config["tau_target"]
+        by_prefix = config["order"] == "prefix"
         lines += [
             "",
-            f"Block scores after the warm-up (`optimizer.plan.normalized_scores`: the share of blocks "
-            f"scoring lower; a block freezes once its score is below the threshold, which reaches {tau}, "
-            "and every block below it has frozen):",
+            "Block scores after the warm-up (`optimizer.plan.normalized_scores`: the share of blocks "
+            "scoring lower; "
+            + (
+                f"a block freezes once its score is below the threshold, which reaches {tau}, and every "
+                "block below it has frozen):"
+                if by_prefix
+                else f'`order="{config["order"]}"` does not read them to choose; under `order="prefix"` a '
+                f"block would freeze once its score is below the threshold, which reaches {tau}, and every "
+                "block below it had frozen):"
+            ),
             "",
             "| block | " + " | ".join(str(b["block"]) for b in scores) + " |",
             "|" + " --- |" * (len(scores) + 1),
             "| score | " + " | ".join(f"{b['normalized']:.2f}" for b in scores) + " |",
         ]
-        blocker = next((b for b in scores if b["block"] == prefix), None)
-        if blocker is not None and blocker["normalized"] >= tau:
+        blocker = next((b for b in scores if b["normalized"] >= tau), None)
+        if blocker is not None and blocker["block"] < best:
             lowest = sorted(scores, key=lambda b: b["normalized"])[:best]
             lines += [
                 "",
-                f"Block {prefix} scored {blocker['normalized']:.2f}, at or above the final threshold {tau}, "
-                f"so the prefix stopped there. The {best} blocks the threshold would let freeze, the "
-                f"lowest-scoring ones, are {_blocks([b['block'] for b in lowest])}.",
+                f"Block {blocker['block']} scored {blocker['normalized']:.2f}, at or above the final "
+                f"threshold {tau}, so the prefix {'stopped' if by_prefix else 'rule stops'} there. The "
+                f"{best} blocks the threshold would let freeze, the lowest-scoring ones, are "
+                f"{_blocks([b['block'] for b in lowest])}.",
             ]
     return lines
 
@@ -1134,8 +1177,9 @@ def _scores_section(results: dict[str, Any]) -> list[str]:
         "statistics are sums over the scored steps, so the running block scores after step W are "
         f"those SAFE would finalize with `warmup_steps=W` (the default for this run is "
         f"W = {sc['default_warmup']}). Scores are rank-normalized as by default (the share of blocks "
-        'scoring lower). "Prefix" is how many blocks the default rule would freeze with these '
-        f"scores once the threshold reaches {tau} (at most {best}).",
+        'scoring lower). "Prefix" is how many blocks the rule that lets the scores pick the prefix '
+        f'(`order="prefix"`) would freeze with these scores once the threshold reaches {tau} (at most '
+        f'{best}); the default (`order="depth"`) freezes {best} whatever they are.',
         "",
         "| W | Spearman of score with block index, per seed | cross-seed Spearman, mean | block 0's "
         "score, per seed | mean score of the lowest / middle / top third | prefix, per seed |",
@@ -1158,11 +1202,11 @@ def _scores_section(results: dict[str, Any]) -> list[str]:
         f"{_span(first['depth_spearman'])}) and agree across seeds ({first['cross_seed_spearman']:+.2f}): "
         "on this model the low blocks' adapters change their outputs the most early in training, the "
         "reverse of what the paper reports (adapters near the input settle first), and no warm-up "
-        f"length up to {last['warmup']} steps lets the default rule freeze more than "
+        f"length up to {last['warmup']} steps lets the prefix rule freeze more than "
         f"{max(max(r['prefix']) for r in sc['summary'])} of the {best} blocks it allows. The prefix rule "
         "freezes a block only when SAFE's own score says it changes little, so here it keeps the "
-        'lower blocks training and saves nothing; `order="depth"` (position in the run above) '
-        "freezes them anyway, against the scores.",
+        'lower blocks training and saves nothing; `order="depth"`, the default, freezes them anyway, '
+        "against the scores.",
     ]
     scales = sc.get("scale_summary")
     if scales:
@@ -1352,6 +1396,11 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse the N=30 training run of the existing --results file",
     )
     parser.add_argument(
+        "--keep-scores",
+        action="store_true",
+        help="reuse the score-vs-depth runs of the existing --results file",
+    )
+    parser.add_argument(
         "--keep-table",
         action="store_true",
         help="reuse the depth table, MiniLM row and attached runs of the existing --results file",
@@ -1469,7 +1518,11 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     scores = None
-    if args.steps > 0 and args.score_seeds:
+    if args.keep_scores:
+        kept = kept or json.loads(args.results.read_text())
+        scores = kept["scores"]
+        timings.update({k: v for k, v in kept["meta"]["timings_s"].items() if k == "score_runs"})
+    elif args.steps > 0 and args.score_seeds:
         checkpoints = sorted({max(1, round(args.steps * q)) for q in (0.25, 0.5, 0.75, 1.0)})
         layers = config.num_hidden_layers
         probe = to(subset(data["test"], 32), args.device)

@@ -7,8 +7,9 @@ Variants, each over the same seeds, data order and hyperparameters:
 - ``safe``: SAFE's defaults, ``SAFEConfig.for_run(total_steps)``: nothing here is tuned to
   this task, so it checks that the defaults chosen on Rotten Tomatoes hold elsewhere.
 - ``oracle``: SAFE's final frozen set at SAFE's steps, replayed with no scoring.
-- ``position``: SAFE with ``order="depth"``: as many blocks as the threshold allows by each
-  step, taken from the lowest layer up (AdapterDrop-like): shows whether CKA selection matters.
+- ``score-prefix``: SAFE with ``order="prefix"``: the scores pick the frozen lower prefix,
+  which stops at the lowest block scoring at or above the threshold; shows whether letting
+  the CKA scores choose helps against the default's lowest-first freezing.
 
 Run ``python benchmarks/drugreview.py``; it writes ``benchmarks/results/drugreview.json`` and
 re-renders ``docs/benchmarks.md`` (this benchmark is its last section) and its plots.
@@ -67,7 +68,7 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
 
         def show(name: str, step: int, total: int, loss: float, s: int = seed) -> None:
             if step == total or step % max(1, total // 10) == 0:
-                print(f"  seed {s} {name:8s} step {step:4d}/{total}  loss {loss:.3f}", flush=True)
+                print(f"  seed {s} {name:12s} step {step:4d}/{total}  loss {loss:.3f}", flush=True)
 
         safe = train(
             "safe",
@@ -98,20 +99,20 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             plan=safe.plan,
             progress=functools.partial(show, "oracle"),
         )
-        position = train(
-            "position",
+        prefix = train(
+            "score-prefix",
             task,
             train_data,
             test_data,
             seed=seed,
-            config=dataclasses.replace(config, order="depth"),
-            progress=functools.partial(show, "position"),
+            config=dataclasses.replace(config, order="prefix"),
+            progress=functools.partial(show, "score-prefix"),
         )
-        runs = {r.variant: r for r in (lora, safe, oracle, position)}
+        runs = {r.variant: r for r in (lora, safe, oracle, prefix)}
         results += [runs[v] for v in report.DRUG_VARIANTS]
-        for r in (lora, safe, oracle, position):
+        for r in (lora, safe, oracle, prefix):
             print(
-                f"seed {seed} {r.variant:8s} acc {r.accuracy:.3f} f1 {r.macro_f1:.3f} "
+                f"seed {seed} {r.variant:12s} acc {r.accuracy:.3f} f1 {r.macro_f1:.3f} "
                 f"TFLOP {r.total_flops / 1e12:.2f} saved {r.mean_saved_bytes / 2**20:.0f} MiB "
                 f"time {r.wall_time_s:.0f} s",
                 flush=True,

@@ -20,33 +20,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safefreeze import FreezePlan
+from safefreeze import FreezePlan, SAFEConfig
 from safefreeze.plots import save_timeline, short_names
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"cpu": "rotten_cpu.json", "cuda": "rotten_cuda.json", "drugreview": "drugreview.json"}
 MIB = 2**20
 # Rotten Tomatoes rows, in table order; lora_budget is the LoRA run cut at SAFE's FLOPs.
-ROWS = ("lora", "lora_budget", "safe", "oracle", "position", "paper")
+ROWS = ("lora", "lora_budget", "safe", "oracle", "score-prefix", "position", "paper")
 # Per-step saved bytes drawn for seed 0.
-PLOTTED = ("lora", "safe", "paper", "position")
+PLOTTED = ("lora", "safe", "paper", "score-prefix", "position")
 # What each variant is, for the page.
 DEFINITIONS = {
     "lora": "plain LoRA (every adapter trains every step)",
     "lora_budget": "the same LoRA run evaluated at the first step whose cumulative FLOPs reach the "
     "SAFE run's total of the same seed: LoRA stopped at SAFE's FLOPs budget",
-    "safe": "SAFE's default rule, `SAFEConfig.for_run(total_steps)`: one unit per transformer block, "
-    "scores ranked (`tau_target` = {safe_tau} is the share of blocks that may freeze), a lower prefix of the "
-    "blocks below the threshold freezes, frozen LoRA merged into the base weight",
+    "safe": "SAFE's default rule, `SAFEConfig.for_run(total_steps)` (`order={safe_order!r}`): one unit per "
+    "transformer block, scores ranked, so the threshold lets a share of the blocks freeze (`tau_target` = "
+    "{safe_tau} of them by the end of the ramp), {safe_rule}, frozen LoRA merged into the base weight",
     "oracle": "SAFE's recorded plan replayed (`plan=safe.plan`): the same blocks frozen at the same "
     "steps, with no warm-up scoring; what SAFE costs if the choice were known in advance",
-    "position": 'the default with `order="depth"`: as many blocks as the threshold allows, lowest '
-    "first; the scores set how many, never which",
+    "score-prefix": 'the default with `order="prefix"`: the scores pick the frozen lower prefix, which '
+    "stops below the lowest block scoring at or above the threshold",
+    "position": 'SAFE with `order="depth"`, in runs whose `safe` rows used `order="prefix"`: as many '
+    "blocks as the threshold allows, lowest first; the scores set how many, never which",
     "paper": "`SAFEConfig.paper(...)` with the same warm-up and ramp: per-adapter units, scores over "
     "the top score (`tau_target` = {paper_tau}), every adapter below the threshold freezes, no merge",
 }
+# How the default's `order` chooses the blocks, for the page.
+_RULES = {
+    "depth": "the lowest blocks freeze first whatever they score, so the frozen blocks are always a lower "
+    "prefix",
+    "prefix": "a lower prefix of the blocks below the threshold freezes",
+    "score": "every block below the threshold freezes",
+}
 # Drug-review runs, in table order.
-DRUG_VARIANTS = ("lora", "safe", "oracle", "position")
+DRUG_VARIANTS = ("lora", "safe", "oracle", "score-prefix")
 # The drug-review benchmark's targets: key -> (what is measured, the most it may be).
 DRUG_TARGETS: dict[str, tuple[str, float]] = {
     "saved_bytes": ("bytes saved for backward, time-averaged, SAFE / LoRA", 0.50),
@@ -317,7 +326,8 @@ def render(results: dict[str, dict[str, Any]], docs: Path) -> Path:
     ]
     main = results.get("cpu") or results.get("cuda")
     if main is not None:
-        lines += _definitions(main)
+        shown = {"lora_budget"} | {v for d in results.values() for v in d.get("variants", [])}
+        lines += _definitions(main, [v for v in ROWS if v in shown])
         plot_saved_bytes(main, images / "bench_saved_bytes.png", PLOTTED)
         plot_timelines(main, images / "bench_timeline.png")
     if "cpu" in results:
@@ -350,7 +360,7 @@ def render(results: dict[str, dict[str, Any]], docs: Path) -> Path:
     return page
 
 
-def _definitions(data: dict[str, Any]) -> list[str]:
+def _definitions(data: dict[str, Any], shown: Sequence[str] = ROWS) -> list[str]:
     task, sizes, cfg = data["task"], data["sizes"], data["config"]
     total = sizes["total_steps"]
     lines = [
@@ -371,8 +381,13 @@ def _definitions(data: dict[str, Any]) -> list[str]:
         "| variant | what runs |",
         "| --- | --- |",
     ]
-    taus = {"safe_tau": cfg["tau_target"], "paper_tau": data["configs"].get("paper", {}).get("tau_target")}
-    lines += [f"| {v} | {DEFINITIONS[v].format(**taus)} |" for v in ROWS]
+    taus = {
+        "safe_tau": cfg["tau_target"],
+        "paper_tau": data["configs"].get("paper", {}).get("tau_target"),
+        "safe_order": cfg["order"],
+        "safe_rule": _RULES.get(cfg["order"], ""),
+    }
+    lines += [f"| {v} | {DEFINITIONS[v].format(**taus)} |" for v in ROWS if v in shown]
     lines += [
         "",
         "Accuracy and macro-F1 are on the test split, mean ± sample standard deviation over seeds.",
@@ -415,6 +430,17 @@ def _diff(s: dict[str, dict[str, list[float]]], variant: str, key: str) -> str:
     return f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]"
 
 
+def _default_note(data: dict[str, Any]) -> str:
+    """A sentence for a run whose ``safe`` rows used another ``order`` than today's default."""
+    order, default = data["config"].get("order"), SAFEConfig().order
+    if order is None or order == default:
+        return ""
+    return (
+        f" This run predates the current default: its `safe` rows (and the oracle replaying them) used "
+        f"`order={order!r}`, and its `position` rows ran today's default rule (`order={default!r}`)."
+    )
+
+
 def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]:
     """The Rotten Tomatoes tables of one device: quality, costs, targets, and what limits them."""
     s = per_seed(data)
@@ -437,6 +463,7 @@ def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]
             else ""
         )
         + (f" {data['note']}" if data.get("note") else "")
+        + _default_note(data)
         + (
             ""
             if data.get("complete", True)
@@ -640,17 +667,20 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
             if cut >= mine
             else "."
         )
-    if "position" in s:
-        pos, safe = s["position"], s["safe"]
-        lines += [
-            "",
-            f"Position-only freezing (as many blocks, lowest first, no scores) reaches FLOPs "
-            f"{ratio(s, 'position', 'flops'):.3f}x and saved bytes "
-            f"{ratio(s, 'position', 'saved_bytes'):.3f}x LoRA at accuracy "
-            f"{statistics.fmean(pos['accuracy']):.3f}, against SAFE's "
-            f"{ratio(s, 'safe', 'flops'):.3f}x, {ratio(s, 'safe', 'saved_bytes'):.3f}x and "
-            f"{statistics.fmean(safe['accuracy']):.3f}.",
-        ]
+    others = {
+        "score-prefix": 'Letting the scores pick the frozen prefix (`order="prefix"`)',
+        "position": "Position-only freezing (as many blocks, lowest first, no scores)",
+    }
+    for variant, label in others.items():
+        if variant in s:
+            lines += [
+                "",
+                f"{label} reaches FLOPs {ratio(s, variant, 'flops'):.3f}x and saved bytes "
+                f"{ratio(s, variant, 'saved_bytes'):.3f}x LoRA at accuracy "
+                f"{statistics.fmean(s[variant]['accuracy']):.3f}, against SAFE's "
+                f"{ratio(s, 'safe', 'flops'):.3f}x, {ratio(s, 'safe', 'saved_bytes'):.3f}x and "
+                f"{statistics.fmean(s['safe']['accuracy']):.3f}.",
+            ]
     return lines
 
 
@@ -897,7 +927,7 @@ def drug_section(data: dict[str, Any], images: Path, prefix: str = "bench_drug_"
             if "steps_per_epoch" in data
             else ""
         )
-        + "; oracle and position as above. Figures saved in `benchmarks/results/drugreview.json`."
+        + f"; oracle and {DRUG_VARIANTS[-1]} as above. Figures saved in `benchmarks/results/drugreview.json`."
         + (f" {data['note']}" if data.get("note") else ""),
         "",
         "| variant | accuracy | macro-F1 | units frozen | total TFLOPs | x LoRA "

@@ -6,8 +6,8 @@ Variants, each over the same seeds, data order, dropout and hyperparameters:
 - ``lora``: plain LoRA; also evaluated at the first step whose FLOPs reach the SAFE run's
   total of the same seed (``lora_budget``: LoRA stopped at SAFE's FLOPs budget).
 - ``paper``: ``SAFEConfig.paper`` with the same warm-up and ramp steps.
-- ``position``: the default with ``order="depth"``: as many blocks as the threshold allows,
-  lowest first; the scores do not choose which.
+- ``score-prefix``: the default with ``order="prefix"``: the scores pick the frozen lower
+  prefix, which stops at the lowest block scoring at or above the threshold.
 - ``oracle``: SAFE's recorded plan replayed: its final set at its steps, with no scoring.
 - Ablation (``--ablation``): the default with one lever switched to the paper's setting.
 
@@ -56,7 +56,7 @@ TASK = ROTTEN_TOMATOES
 # --smoke: 4 steps of 8 snippets of 16 tokens, 32 test snippets.
 SMOKE = {"limit": 32, "batch_size": 8, "max_length": 16}
 # The main variants, in the order a seed runs them (SAFE first: LoRA's budget is its FLOPs).
-MAIN = ("safe", "lora", "paper", "position", "oracle")
+MAIN = ("safe", "lora", "paper", "score-prefix", "oracle")
 # Ablation: name -> the one field of the default switched to the paper's setting.
 ABLATION: dict[str, dict[str, Any]] = {
     "adapter-units": {"units": "adapter"},
@@ -88,7 +88,7 @@ def configs(total_steps: int) -> dict[str, SAFEConfig]:
     out = {
         "safe": safe,
         "paper": SAFEConfig.paper(**steps),
-        "position": dataclasses.replace(safe, order="depth"),
+        "score-prefix": dataclasses.replace(safe, order="prefix"),
     }
     out.update({name: dataclasses.replace(safe, **lever) for name, lever in ABLATION.items()})
     return out
@@ -99,7 +99,7 @@ def prefix_costs(
 ) -> list[dict[str, Any]]:
     """Costs of one step with the lowest ``k`` units frozen (merged), for k = 0..units.
 
-    Each row comes from a SAFE run of the default rule with ``order="depth"``, a one-step
+    Each row comes from a SAFE run of the default rule (``order="depth"``), a one-step
     warm-up and ``tau_target = k / units`` (rank normalization: exactly k units freeze, the
     lowest): FLOPs and saved bytes counted on the first step after the freeze, then the
     median time of ``timed`` more steps. Row 0 is a plain LoRA step.
@@ -112,7 +112,7 @@ def prefix_costs(
         model = copy.deepcopy(base)
         model.train()
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
-        config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=k / units, order="depth")
+        config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=k / units)
         optimizer: torch.optim.Optimizer = inner
         safe = None
         if k:

@@ -65,6 +65,7 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
             warmup_steps=max(1, round(warmup * total)),
             freeze_end_step=max(1, round(warmup * total), round(end * total)),
             tau_target=job["tau"],
+            **({"order": job["order"]} if job.get("order") else {}),
         )
     budget = None if job["budget"] is None else int(job["budget"] * job["lora_flops"])
     started = time.perf_counter()
@@ -74,6 +75,7 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
     plan = result.plan
     return {
         **{k: job[k] for k in ("task", "seed", "variant", "tau", "budget", "schedule")},
+        "order": None if config is None else config.order,
         "steps": total,
         "accuracy": result.accuracy,
         "macro_f1": result.macro_f1,
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "device": args.device,
                 "threads": args.threads,
                 "limit": args.limit,
+                "order": args.order,
             }
             base["lora_flops"] = full
             jobs += [
@@ -211,6 +214,12 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _orders(data: dict[str, Any], task: str) -> list[str]:
+    """The orders of a task's SAFE runs; runs recorded before the field existed used "prefix"."""
+    safe = [r for r in data["runs"] if r["task"] == task and r["variant"] != "lora"]
+    return list(dict.fromkeys(r.get("order") or "prefix" for r in safe))
+
+
 def _paired(
     runs: list[dict[str, Any]], lora: list[dict[str, Any]]
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -229,10 +238,12 @@ TASK_NAMES = {
 INTRO = """# Trading savings for accuracy: `tau_target`
 
 With rank normalization (the default), `tau_target` is the share of freeze units (transformer
-blocks) that may freeze: `tau_target * blocks`, rounded. The prefix rule freezes them from the
+blocks) that may freeze: `tau_target * blocks`, rounded. The default `order="depth"` freezes
+that many from the bottom up whatever they score; `order="prefix"` freezes them from the
 bottom up and stops at the first block that scores at or above the threshold, so fewer may
-freeze when the scores say a low block matters. Each SAFE row is the default config with the
-`tau_target` and schedule shown (warm-up end / ramp end as shares of the run), 3 seeds, next
+freeze when the scores say a low block matters. Each SAFE row is the default config with
+the order its section names and the `tau_target` and schedule shown (warm-up end / ramp end
+as shares of the run), 3 seeds, next
 to plain LoRA and to the same LoRA runs evaluated when their FLOPs reached a share of a full
 run's (training less). Runs went in parallel processes, so no times are reported; FLOPs and
 bytes saved for backward are counted, so they do not depend on the machine.
@@ -259,6 +270,8 @@ def render(datasets: list[dict[str, Any]]) -> str:
                 "",
                 f"Machine: {machine['platform']}, {machine['cpus']} CPUs"
                 + (f", {name}" if name else "")
+                + ". SAFE rows: "
+                + ", ".join(f"`order={o!r}`" for o in _orders(data, task))
                 + ".",
                 "",
                 "| run | blocks frozen (of 6) | accuracy | paired Δ accuracy vs LoRA (points) | macro-F1 "
@@ -295,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--budgets", type=float, nargs="+", default=list(BUDGETS), help="LoRA FLOPs shares to evaluate at"
+    )
+    parser.add_argument(
+        "--order",
+        choices=("depth", "prefix", "score"),
+        default=None,
+        help="SAFEConfig.order of the SAFE runs (default: the library's)",
     )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

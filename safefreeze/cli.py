@@ -281,8 +281,8 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--order",
         choices=("prefix", "score", "depth"),
         default=None,
-        help="SAFEConfig.order: a lower prefix of blocks (the default), every low scorer (the paper), "
-        "or as many from the lowest block up",
+        help="SAFEConfig.order: as many blocks as the threshold allows from the lowest up (the default), "
+        "a lower prefix of low-scoring blocks, or every low scorer (the paper)",
     )
     demo.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     demo.set_defaults(func=_demo, parser=demo)

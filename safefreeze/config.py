@@ -49,11 +49,13 @@ class SAFEConfig:
     group_by: str | None = None
     # Seed of the scoring generator; scoring never touches the global RNG.
     seed: int = 0
-    # Which units below the threshold freeze: "prefix" extends a frozen lower prefix and
-    # stops at the first unit at or above the threshold, so activations and backward work
-    # below the lowest trainable unit disappear; "score" freezes every unit below it (the
-    # paper); "depth" freezes as many units as score below it, lowest in the model first.
-    order: str = "prefix"
+    # Which units freeze: "depth" freezes as many units as score below the threshold, lowest
+    # in the model first, so the frozen set is always a lower prefix and activations and
+    # backward work below the lowest trainable unit disappear (with "rank" normalization the
+    # count is tau(t) * units whatever the scores); "prefix" lets the scores pick the prefix:
+    # it extends a frozen lower prefix and stops at the first unit at or above the
+    # threshold; "score" freezes every unit below it, wherever it is (the paper).
+    order: str = "depth"
     # Freeze units: "block" (one per transformer block, from the adapters' names) or
     # "adapter" (one per adapter, the paper).
     units: str = "block"
@@ -155,9 +157,10 @@ class SAFEConfig:
     def for_run(cls, total_steps: int, **changes: Any) -> SAFEConfig:
         """A config scaled to a run of ``total_steps`` optimizer steps.
 
-        The warm-up takes the first quarter of the steps (long enough for the scores to rank
-        the blocks consistently) and the threshold reaches ``tau_target`` at half, so the
-        frozen units stay frozen for the second half.
+        The warm-up takes the first quarter of the steps (every block trains, and the scores
+        that ``order="prefix"`` and ``"score"`` read rank the blocks consistently by then) and
+        the threshold reaches ``tau_target`` at half, so the frozen units stay frozen for the
+        second half.
 
         Raises:
             ValueError: If ``total_steps`` is not a positive integer.

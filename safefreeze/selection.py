@@ -95,7 +95,7 @@ def select_to_freeze(
 def lowest_first(
     order: Sequence[str], normalized: Mapping[str, float], count: int, frozen: Iterable[str] = ()
 ) -> list[str]:
-    """The ``count`` lowest unfrozen units in model order (SAFEConfig ``order="depth"``).
+    """The ``count`` lowest unfrozen units in model order (SAFEConfig ``order="depth"``, the default).
 
     The threshold still decides *how many* units are frozen by a step (as many as score
     below it); this decides *which*: the lowest ones, so the frozen set stays a lower prefix
@@ -124,7 +124,7 @@ def lower_prefix(
 ) -> list[str]:
     """The unfrozen units that extend the frozen lower prefix, all scoring below ``threshold``.
 
-    The default rule (SAFEConfig ``order="prefix"``): walking up from the lowest unit, each
+    SAFEConfig ``order="prefix"``, where the scores pick the prefix: walking up from the lowest unit, each
     unit below the threshold joins the prefix, and the first unit at or above it (or with a
     NaN score) ends it. Units above a trainable one never freeze: backprop reaches the
     trainable unit anyway, so freezing them would save only their gradients and optimizer

@@ -147,6 +147,19 @@ def test_targets_from_known_numbers() -> None:
     assert "wall time (CPU), SAFE / LoRA" not in [r[0] for r in report.targets(data, s)]
 
 
+def test_a_run_of_another_default_order_says_so() -> None:
+    data = _synthetic()
+    assert report._default_note(data) == ""  # recorded without an order: nothing to say
+    data["config"]["order"] = SAFEConfig().order
+    assert report._default_note(data) == ""
+    data["config"]["order"] = "prefix"
+    page = "\n".join(report.rotten_section(data, "Rotten Tomatoes on CUDA", main=False))
+    assert (
+        "This run predates the current default: its `safe` rows (and the oracle replaying them) used "
+        "`order='prefix'`, and its `position` rows ran today's default rule (`order='depth'`)." in page
+    )
+
+
 def test_section_prints_ratios_and_paired_intervals() -> None:
     page = "\n".join(report.rotten_section(_synthetic(), "Rotten Tomatoes on CPU", main=True))
     # Paired differences -1.0, -0.5, -1.0 points: mean -0.83, sd 0.289, t(0.975, 2) = 4.303.
@@ -179,7 +192,7 @@ def test_configs_switch_one_lever_each() -> None:
     assert safe == SAFEConfig.for_run(337)
     steps = {"warmup_steps": safe.warmup_steps, "freeze_end_step": safe.freeze_end_step}
     assert cfgs["paper"] == SAFEConfig.paper(**steps)
-    assert dataclasses.replace(safe, order="depth") == cfgs["position"]
+    assert safe.order == "depth" and dataclasses.replace(safe, order="prefix") == cfgs["score-prefix"]
     for name, lever in rotten.ABLATION.items():
         changed = {
             f.name
@@ -231,10 +244,13 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
             >= budget
             > sum(lora["step_flops"][: lora["budget_step"] - 1])
         )
-    # Position-only freezes a lower prefix of blocks.
-    units = list(runs["position"]["plan"]["units"])
-    frozen = [u for e in runs["position"]["plan"]["events"] for u in e["units"]]
-    assert sorted(frozen, key=units.index) == units[: len(frozen)]
+    # The default freezes a lower prefix of blocks, as many as the threshold allows; the
+    # scores' prefix is never longer.
+    units = list(safe["plan"]["units"])
+    frozen = [u for e in safe["plan"]["events"] for u in e["units"]]
+    by_score = [u for e in runs["score-prefix"]["plan"]["events"] for u in e["units"]]
+    assert frozen == units[: len(frozen)] and len(frozen) == round(0.67 * len(units))
+    assert by_score == units[: len(by_score)] and len(by_score) <= len(frozen)
     assert [r["frozen"] for r in data["prefix_costs"]] == list(range(len(units) + 1))
     assert data["complete"] and data["sizes"]["total_steps"] == 4
     page = report.render({"cpu": data}, tmp_path).read_text()

@@ -196,7 +196,7 @@ def test_it_lists_what_froze_when_what_still_trains_and_the_merge(smoke: Smoke) 
         assert f"  step {event.step}  {names}\n" in out
     training = [b for u, b in zip(plan.units, blocks, strict=True) if u not in frozen]
     assert f"  still training: {', '.join(training)} and the classifier head\n" in out
-    # The prefix rule: the frozen blocks are the lowest ones.
+    # The default: the frozen blocks are the lowest ones.
     assert [b for u, b in zip(plan.units, blocks, strict=True) if u in frozen] == blocks[: len(frozen)]
 
 
@@ -276,7 +276,7 @@ def test_both_runs_are_in_one_mlflow_experiment_with_their_metrics(smoke: Smoke)
     assert losses["lora"][0] == losses["safe"][0]
     safe = runs["minilm-rotten_tomatoes-safe"]
     assert safe.data.tags["safefreeze.plan"] == "true"
-    assert safe.data.params["safefreeze.order"] == "prefix"
+    assert safe.data.params["safefreeze.order"] == "depth"
     assert safe.data.metrics["safefreeze/frozen_adapters"] == len(result.merged)
     artifacts = {a.path for a in client.list_artifacts(safe.info.run_id, "safefreeze")}
     assert artifacts == {"safefreeze/plan.json", "safefreeze/freeze_timeline.png"}
@@ -366,19 +366,19 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(results.read_text())
     runs = {r["variant"]: r for r in data["runs"]}
-    assert sorted(runs) == ["lora", "oracle", "position", "safe"]
-    safe, oracle, position = runs["safe"]["plan"], runs["oracle"]["plan"], runs["position"]["plan"]
-    # The oracle replays SAFE's freezes; the position baseline freezes as many, lowest first.
+    assert sorted(runs) == ["lora", "oracle", "safe", "score-prefix"]
+    safe, oracle, by_score = runs["safe"]["plan"], runs["oracle"]["plan"], runs["score-prefix"]["plan"]
+    # The oracle replays SAFE's freezes.
     assert [(e["step"], e["adapters"]) for e in oracle["events"]] == [
         (e["step"], e["adapters"]) for e in safe["events"]
     ]
-    # Position freezes as many blocks as the threshold allows, lowest first; SAFE's prefix
-    # stops earlier where a block scores high.
+    # SAFE freezes as many blocks as the threshold allows, lowest first (4 of 6); the prefix
+    # the scores pick stops earlier where a block scores high.
     order = [a["name"] for a in safe["model"]["adapters"]]
-    frozen_low = [a for e in position["events"] for a in e["adapters"]]
-    frozen_safe = [a for e in safe["events"] for a in e["adapters"]]
-    assert frozen_low == order[: len(frozen_low)]
-    assert frozen_safe == order[: len(frozen_safe)] and len(frozen_safe) <= len(frozen_low)
+    frozen_low = [a for e in safe["events"] for a in e["adapters"]]
+    frozen_by_score = [a for e in by_score["events"] for a in e["adapters"]]
+    assert frozen_low == order[:8]
+    assert frozen_by_score == order[: len(frozen_by_score)] and len(frozen_by_score) <= len(frozen_low)
     assert data["config"] == SAFEConfig.for_run(2 * data["steps_per_epoch"]).to_dict()
     # LoRA is also evaluated where its FLOPs reach SAFE's total, if they do before its end.
     lora_flops = runs["lora"]["step_flops"]

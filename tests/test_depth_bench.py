@@ -403,6 +403,14 @@ def test_render_states_the_command_and_the_numbers() -> None:
     assert "At N = 30 the rule freezes 24/30 = 0.800 of the blocks" in page
     assert "9.0, 18.0, 45.0 GFLOP and 42.0, 84.0, 210.0 MiB of activations at N = 6, 12, 30" in page
     assert "keeps exactly the activations" not in page  # 90 MiB at N = 30 against 60 MiB of LoRA at 6
+    # A variant that froze nothing trained as LoRA did.
+    results = _results()
+    results["run"]["variants"]["score-prefix"] = results["run"]["variants"]["lora"]
+    page = depth.render(results)
+    assert (
+        "- score-prefix: froze nothing, so it trained as plain LoRA did: whole run 1.00x LoRA's FLOPs, "
+        "accuracy +0.000 against LoRA." in page
+    )
 
 
 def test_render_notices_when_safe_keeps_what_a_shallower_lora_keeps() -> None:
@@ -417,8 +425,14 @@ def test_render_shows_the_block_scores_and_where_the_prefix_stopped() -> None:
     results = _results()
     safe = results["run"]["variants"]["safe"]
     scores = [0.98, *(i / 30 for i in range(29))]  # block 0 scores highest, the rest rise with depth
-    safe.update(events=[], frozen_blocks=[])
     safe["block_scores"] = [{"block": i, "raw": 1e-6, "normalized": v} for i, v in enumerate(scores)]
+    # The default (order="depth") froze blocks 0-4 anyway; the page says where the prefix rule stops.
+    page = depth.render(results)
+    assert '`order="depth"` does not read them to choose' in page
+    assert "Block 0 scored 0.98, at or above the final threshold 0.8, so the prefix rule stops there." in page
+    # A run under the prefix rule froze nothing.
+    results["run"]["config"]["order"] = "prefix"
+    safe.update(events=[], frozen_blocks=[])
     page = depth.render(results)
     assert "| score | 0.98 | 0.00 | 0.03 |" in page
     assert "None: nothing froze." in page
@@ -454,11 +468,11 @@ def test_from_json_and_attach_render_the_page(tmp_path: Path) -> None:
     assert docs.read_text().count("## On `cuda`") == 1
 
 
-def test_run_configs_are_the_default_position_and_paper_rules_on_one_schedule() -> None:
+def test_run_configs_are_the_default_score_prefix_and_paper_rules_on_one_schedule() -> None:
     configs = depth.run_configs(100)
     assert configs["lora"] is None
-    assert configs["safe"] == SAFEConfig.for_run(100)
-    assert configs["position"] == SAFEConfig.for_run(100, order="depth")
+    assert configs["safe"] == SAFEConfig.for_run(100) == SAFEConfig.for_run(100, order="depth")
+    assert configs["score-prefix"] == SAFEConfig.for_run(100, order="prefix")
     assert configs["paper"] == SAFEConfig.paper(warmup_steps=25, freeze_end_step=50)
 
 

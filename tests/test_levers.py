@@ -1,8 +1,9 @@
-"""The levers that make freezing pay: block units, rank normalization, the prefix rule, merging."""
+"""The levers that make freezing pay: block units, rank normalization, the freeze orders, merging."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -159,7 +160,7 @@ def _record(
 
 
 def test_the_prefix_rule_keeps_the_frozen_set_a_lower_prefix_and_stops_at_an_important_block() -> None:
-    config = SAFEConfig(warmup_steps=2, freeze_end_step=8, tau_target=0.7)
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=8, tau_target=0.7, order="prefix")
     # Block 2 scores highest (rank shares 0.375, 0.125, 0.875, 0.625): the prefix grows
     # through blocks 0 and 1 and stops there for good.
     raw = {f"{LAYER}.0": 0.2, f"{LAYER}.1": 0.1, f"{LAYER}.2": 0.9, f"{LAYER}.3": 0.3}
@@ -175,6 +176,10 @@ def test_the_prefix_rule_keeps_the_frozen_set_a_lower_prefix_and_stops_at_an_imp
         SAFEConfig(warmup_steps=2, freeze_end_step=8, tau_target=0.7, order="score", merge=False), raw, 12
     )
     assert paper.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1", f"{LAYER}.3"]
+    # The default (order="depth") freezes as many blocks as the threshold allows, round(0.7 * 4)
+    # = 3, from the bottom, block 2's high score notwithstanding.
+    default = _record(dataclasses.replace(config, order=SAFEConfig().order), raw, 12)
+    assert default.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1", f"{LAYER}.2"]
 
 
 def test_a_frozen_prefix_saves_activations_and_backward_work() -> None:
@@ -198,7 +203,7 @@ def test_the_paper_config_is_the_papers_rule() -> None:
     assert SAFEConfig.paper(tau_target=0.4).tau_target == 0.4
     default = SAFEConfig()
     assert (default.order, default.normalization, default.units, default.merge) == (
-        "prefix",
+        "depth",
         "rank",
         "block",
         True,

@@ -133,7 +133,7 @@ def run_demo(
     Args:
         task: Fine-tuning settings.
         seed: Seed of the model's fresh weights, dropout and data order.
-        order: :attr:`SAFEConfig.order` of the SAFE run (None: the default, ``"prefix"``).
+        order: :attr:`SAFEConfig.order` of the SAFE run (None: the default, ``"depth"``).
         mlflow: Log both runs to MLflow (None: when it is installed; the default store is
             the ``mlflow.db`` sqlite file in the working directory).
         out: Where the header, the table and the MLflow commands go (default: standard output).
@@ -246,13 +246,11 @@ def _dataset(task: TaskConfig) -> str:
 def _rule(config: SAFEConfig) -> str:
     """What the config lets freeze, in words."""
     units = _noun(config)
-    if config.order == "prefix":
-        what = f"a lower prefix of {units}"
-    elif config.order == "depth":
-        what = f"as many {units} as score low, lowest first"
+    if config.order == "depth":
+        what = f"the lowest {units} first " + ("freeze and merge" if config.merge else "freeze")
     else:
-        what = f"every low-scoring one of the {units}"
-    what += " freezes and merges" if config.merge else " freezes"
+        what = f"a lower prefix of {units}" if config.order == "prefix" else f"every low scorer of {units}"
+        what += " freezes and merges" if config.merge else " freezes"
     if config.normalization == "rank":
         what += f", at most {config.tau_target:.0%} of them (tau_target {config.tau_target:g})"
     return what
