@@ -99,7 +99,8 @@ def lowest_first(
 
     The threshold still decides *how many* units are frozen by a step (as many as score
     below it); this decides *which*: the lowest ones, so the frozen set stays a lower prefix
-    of the model and backprop can stop above it. Units with a NaN score are never chosen.
+    of the model and backprop can stop above it. A unit with a NaN score is never chosen,
+    and the walk stops there: nothing above a trainable unit freezes.
 
     Args:
         order: Unit names in model order, lowest layer first.
@@ -113,10 +114,20 @@ def lowest_first(
     Example:
         >>> lowest_first(["l0", "l1", "l2", "l3"], {"l0": 0.9, "l1": 0.1, "l2": 0.2, "l3": 1.0}, 2)
         ['l0', 'l1']
+        >>> lowest_first(["l0", "l1", "l2"], {"l0": 0.9, "l1": float("nan"), "l2": 0.2}, 2)
+        ['l0']
     """
     done = set(frozen)
-    free = [u for u in order if u not in done and math.isfinite(normalized.get(u, math.nan))]
-    return free[: max(count, 0)]
+    chosen: list[str] = []
+    for unit in order:
+        if len(chosen) >= count:
+            break
+        if unit in done:
+            continue
+        if not math.isfinite(normalized.get(unit, math.nan)):
+            break
+        chosen.append(unit)
+    return chosen
 
 
 def lower_prefix(

@@ -180,6 +180,10 @@ def test_the_prefix_rule_keeps_the_frozen_set_a_lower_prefix_and_stops_at_an_imp
     # = 3, from the bottom, block 2's high score notwithstanding.
     default = _record(dataclasses.replace(config, order=SAFEConfig().order), raw, 12)
     assert default.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1", f"{LAYER}.2"]
+    # A block without a finite score never freezes, and nothing above it does either: the
+    # threshold lets 2 of the 3 scored blocks freeze, but the walk stops at block 1.
+    unscored = _record(dataclasses.replace(config, order="depth"), {**raw, f"{LAYER}.1": math.nan}, 12)
+    assert unscored.controller.frozen_units == [f"{LAYER}.0"]
 
 
 def test_a_frozen_prefix_saves_activations_and_backward_work() -> None:

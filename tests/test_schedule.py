@@ -90,10 +90,14 @@ def test_selection_only_grows_and_nan_never_freezes() -> None:
     assert select_to_freeze(scores, 0.05) == []  # strictly below the threshold
 
 
-def test_lowest_first_takes_the_lowest_unfrozen_units_with_a_score() -> None:
+def test_lowest_first_takes_the_lowest_unfrozen_units_up_to_one_without_a_score() -> None:
     order = ["l0", "l1", "l2", "l3", "l4"]
-    scores = {"l0": 1.0, "l1": math.nan, "l2": 0.3, "l3": 0.0, "l4": 0.1}
-    assert lowest_first(order, scores, 2) == ["l0", "l2"]  # l1 has no score: never frozen
-    assert lowest_first(order, scores, 2, frozen=["l0"]) == ["l2", "l3"]
-    assert lowest_first(order, scores, 9, frozen=["l0"]) == ["l2", "l3", "l4"]
+    scores = {"l0": 1.0, "l1": 0.7, "l2": 0.3, "l3": 0.0, "l4": 0.1}
+    assert lowest_first(order, scores, 2) == ["l0", "l1"]  # the lowest, whatever they score
+    assert lowest_first(order, scores, 2, frozen=["l0"]) == ["l1", "l2"]
+    assert lowest_first(order, scores, 9, frozen=["l0"]) == ["l1", "l2", "l3", "l4"]
     assert lowest_first(order, scores, 0) == []
+    # l2 has no score: it never freezes, and neither does anything above it.
+    scores["l2"] = math.nan
+    assert lowest_first(order, scores, 4) == ["l0", "l1"]
+    assert lowest_first(order, scores, 4, frozen=["l0", "l1"]) == []
