@@ -853,6 +853,7 @@ def render(results: dict[str, Any]) -> str:
     summary = summarize(results)
     model = meta["model"]
     tau = meta["tau_target"]
+    by_prefix = meta["safe_defaults"].get("order") == "prefix"  # the default rule of the run
     lines = [
         "# How SAFE's savings scale with depth",
         "",
@@ -886,7 +887,7 @@ def render(results: dict[str, Any]) -> str:
         "- SAFE in the depth table: the steady state after SAFE's default freezing"
         + (
             ", modelled as the rule's best case"
-            if meta["safe_defaults"].get("order") == "prefix"
+            if by_prefix
             else " (its freezing ends there whatever the scores)"
         )
         + f'. Freeze units are blocks; `tau_target={tau}` with `normalization="rank"` '
@@ -894,7 +895,7 @@ def render(results: dict[str, Any]) -> str:
         + (
             "the prefix rule freezes the lowest ones, each only if it and every block below it score "
             "under the threshold"
-            if meta["safe_defaults"].get("order") == "prefix"
+            if by_prefix
             else 'the default `order="depth"` freezes the lowest ones'
         )
         + f". So the table freezes the LoRA of the lowest round({tau} N) blocks"
@@ -905,7 +906,7 @@ def render(results: dict[str, Any]) -> str:
         )
         + (
             "; a real run can freeze a shorter prefix, and the run below shows the one it froze."
-            if meta["safe_defaults"].get("order") == "prefix"
+            if by_prefix
             else "; the run below shows when a real run froze them."
         ),
         "",
@@ -1056,13 +1057,7 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         "| steady saved MiB | final optimizer KiB | train s | median step ms after freezing |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    labels = {
-        "lora": "LoRA",
-        "safe": "SAFE (default)",
-        "position": "position",
-        "score-prefix": "score-prefix",
-        "paper": "paper's rule",
-    }
+    labels = {"lora": "LoRA", "safe": "SAFE (default)", "paper": "paper's rule"}
     for key, v in run["variants"].items():
         x, name = summary["run"][key], labels.get(key, key)
         lines.append(

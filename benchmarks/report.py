@@ -360,7 +360,7 @@ def render(results: dict[str, dict[str, Any]], docs: Path) -> Path:
     return page
 
 
-def _definitions(data: dict[str, Any], shown: Sequence[str] = ROWS) -> list[str]:
+def _definitions(data: dict[str, Any], shown: Sequence[str]) -> list[str]:
     task, sizes, cfg = data["task"], data["sizes"], data["config"]
     total = sizes["total_steps"]
     lines = [

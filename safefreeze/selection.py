@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 NORMALIZATIONS = ("rank", "max", "sum", "none")
 ORDERS = ("prefix", "score", "depth")
@@ -117,17 +118,7 @@ def lowest_first(
         >>> lowest_first(["l0", "l1", "l2"], {"l0": 0.9, "l1": float("nan"), "l2": 0.2}, 2)
         ['l0']
     """
-    done = set(frozen)
-    chosen: list[str] = []
-    for unit in order:
-        if len(chosen) >= count:
-            break
-        if unit in done:
-            continue
-        if not math.isfinite(normalized.get(unit, math.nan)):
-            break
-        chosen.append(unit)
-    return chosen
+    return list(itertools.islice(_walk_up(order, normalized, frozen), max(count, 0)))
 
 
 def lower_prefix(
@@ -135,9 +126,9 @@ def lower_prefix(
 ) -> list[str]:
     """The unfrozen units that extend the frozen lower prefix, all scoring below ``threshold``.
 
-    SAFEConfig ``order="prefix"``, where the scores pick the prefix: walking up from the lowest unit, each
-    unit below the threshold joins the prefix, and the first unit at or above it (or with a
-    NaN score) ends it. Units above a trainable one never freeze: backprop reaches the
+    SAFEConfig ``order="prefix"``, where the scores pick the prefix: walking up from the
+    lowest unit, each unit below the threshold joins the prefix, and the first unit at or
+    above it (or with a NaN score) ends it. Units above a trainable one never freeze: backprop reaches the
     trainable unit anyway, so freezing them would save only their gradients and optimizer
     state, and risk their accuracy.
 
@@ -154,16 +145,18 @@ def lower_prefix(
         >>> lower_prefix(["l0", "l1", "l2", "l3"], {"l0": 0.2, "l1": 0.0, "l2": 0.8, "l3": 0.4}, 0.5)
         ['l0', 'l1']
     """
+    return list(itertools.takewhile(lambda u: normalized[u] < threshold, _walk_up(order, normalized, frozen)))
+
+
+def _walk_up(order: Sequence[str], normalized: Mapping[str, float], frozen: Iterable[str]) -> Iterator[str]:
+    """Unfrozen units from the lowest up, ending before the first one without a finite score."""
     done = set(frozen)
-    chosen = []
     for unit in order:
         if unit in done:
             continue
-        score = normalized.get(unit, math.nan)
-        if not (math.isfinite(score) and score < threshold):
-            break
-        chosen.append(unit)
-    return chosen
+        if not math.isfinite(normalized.get(unit, math.nan)):
+            return
+        yield unit
 
 
 def block_of(name: str) -> str:
