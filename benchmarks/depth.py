@@ -17,8 +17,9 @@ head (``SentenceClassifier``).
    a few more steps are timed (median); on CUDA the peak allocated memory is read over
    those steps, after a reset that follows the counted (warm-up) step.
 2. A short real run on the full 30-layer model: plain LoRA vs ``SAFEOptimizer`` with the
-   default rule and schedule (``SAFEConfig.for_run(steps)``), the rule that lets the scores
-   pick the prefix (``order="prefix"``) and the paper's rule on the same schedule; one seed, the same data
+   default rule and schedule (``SAFEConfig.for_run(steps)``), the default rule with a
+   shorter warm-up (``SHORT_SCHEDULE``), the rule that lets the scores pick the prefix
+   (``order="prefix"``) and the paper's rule on the default schedule; one seed, the same data
    order, accuracy and macro-F1 on a fixed test subset. Each step's costs are counted the
    first time its situation (scoring or not, what is frozen) occurs and reused for later
    steps of the same situation.
@@ -404,17 +405,27 @@ def training_batches(
     return itertools.islice(batches(train_data, task, seed), steps)
 
 
+# Warm-up end and ramp end, as shares of the run, of the short-warmup variant (the shorter
+# schedule of docs/tradeoff.md).
+SHORT_SCHEDULE = (0.1, 0.3)
+
+
 def run_configs(steps: int) -> dict[str, SAFEConfig | None]:
     """The real run's variants for ``steps`` optimizer steps: name -> config (None: plain LoRA).
 
     ``safe`` is the default (as many blocks as the threshold allows, lowest first, whatever
-    they score); ``score-prefix`` the default with ``order="prefix"`` (the scores pick the
-    lower prefix); ``paper`` the paper's rule with the same warm-up and ramp.
+    they score); ``short-warmup`` the default whose warm-up and ramp end at the shares of
+    ``SHORT_SCHEDULE``; ``score-prefix`` the default with ``order="prefix"`` (the scores pick
+    the lower prefix); ``paper`` the paper's rule with the default's warm-up and ramp.
     """
     default = SAFEConfig.for_run(steps)
+    warmup = max(1, round(SHORT_SCHEDULE[0] * steps))
     return {
         "lora": None,
         "safe": default,
+        "short-warmup": dataclasses.replace(
+            default, warmup_steps=warmup, freeze_end_step=max(warmup, round(SHORT_SCHEDULE[1] * steps))
+        ),
         "score-prefix": dataclasses.replace(default, order="prefix"),
         "paper": SAFEConfig.paper(warmup_steps=default.warmup_steps, freeze_end_step=default.freeze_end_step),
     }
@@ -1035,13 +1046,20 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             else ""
         )
         + (
+            f"; short warm-up: the default with the warm-up ending at step "
+            f"{run['variants']['short-warmup']['config']['warmup_steps']} and the ramp at step "
+            f"{run['variants']['short-warmup']['config']['freeze_end_step']}"
+            if "short-warmup" in run["variants"]
+            else ""
+        )
+        + (
             '; score-prefix: the default with `order="prefix"` (the scores pick the lower prefix, '
             "which stops below the lowest block scoring at or above the threshold)"
             if "score-prefix" in run["variants"]
             else ""
         )
         + (
-            "; paper's rule: `SAFEConfig.paper(...)` with the same warm-up and ramp (per-adapter "
+            "; paper's rule: `SAFEConfig.paper(...)` with the default's warm-up and ramp (per-adapter "
             "units, scores over the top score, every adapter below the threshold freezes, no merge)"
             if "paper" in run["variants"]
             else ""
@@ -1057,7 +1075,12 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         "| steady saved MiB | final optimizer KiB | train s | median step ms after freezing |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    labels = {"lora": "LoRA", "safe": "SAFE (default)", "paper": "paper's rule"}
+    labels = {
+        "lora": "LoRA",
+        "safe": "SAFE (default)",
+        "short-warmup": "short warm-up",
+        "paper": "paper's rule",
+    }
     for key, v in run["variants"].items():
         x, name = summary["run"][key], labels.get(key, key)
         lines.append(

@@ -640,7 +640,9 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
             f"{best['frozen']} blocks frozen from the very first step after the warm-up (the rule's ramp "
             f"freezes them later) for the remaining {total - warmup} steps: FLOPs "
             f"{floor_flops:.3f}x LoRA and time-averaged bytes saved for backward {floor_saved:.3f}x LoRA. "
-            f"SAFE measured {ratio(s, 'safe', 'flops'):.3f}x and {ratio(s, 'safe', 'saved_bytes'):.3f}x.",
+            f"SAFE measured {ratio(s, 'safe', 'flops'):.3f}x and {ratio(s, 'safe', 'saved_bytes'):.3f}x. "
+            "A shorter warm-up lowers the floor; what it costs in accuracy at the default rule is "
+            "measured on [the trade-off page](tradeoff.md).",
         ]
         if floor_flops > 0.60:
             lines.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -22,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +139,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                     for t in args.taus
                 ]
-    context = multiprocessing.get_context("spawn")
     results = []
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        for result in pool.map(one_run, jobs):
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context)
+            finished: Iterable[dict[str, Any]] = stack.enter_context(pool).map(one_run, jobs)
+        else:  # one at a time, in this process, which keeps its thread count afterwards
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            finished = map(one_run, jobs)
+        for result in finished:
             results.append(result)
             print(
                 f"{result['task']:16s} seed {result['seed']} {result['variant']:12s} {result['budget']} "
@@ -163,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (task, variant): means over seeds, and ratios to the full LoRA runs."""
     rows = []
-    for name in dict.fromkeys(r["task"] for r in data["runs"]):
+    for name in _tasks(data):
         runs = [r for r in data["runs"] if r["task"] == name]
         lora = [r for r in runs if r["variant"] == "lora"]
         lora_acc = statistics.fmean(r["accuracy"] for r in lora)
@@ -220,6 +228,10 @@ def _orders(data: dict[str, Any], task: str) -> list[str]:
     return list(dict.fromkeys(r.get("order") or "prefix" for r in safe))
 
 
+def _tasks(data: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(r["task"] for r in data["runs"]))
+
+
 def _paired(
     runs: list[dict[str, Any]], lora: list[dict[str, Any]]
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -230,12 +242,14 @@ def _paired(
 
 
 TASK_NAMES = {
-    "rotten_tomatoes": "Rotten Tomatoes (10,808 train / 2,000 test snippets, 1 epoch, batch 32, 48 tokens)",
-    "drugreview": "drug reviews (546 train / 343 test, 5 epochs, batch 16, 128 tokens)",
+    "rotten_tomatoes": "Rotten Tomatoes (10,808 train / 2,000 test snippets, 1 epoch, batch 32, 48 tokens, "
+    "learning rate 1e-3 decaying linearly)",
+    "drugreview": "drug reviews (546 train / 343 test, 5 epochs, batch 16, 128 tokens, learning rate 2e-3 "
+    "decaying linearly)",
 }
 
 
-INTRO = """# Trading savings for accuracy: `tau_target`
+INTRO = """# Trading savings for accuracy: `tau_target` and the warm-up
 
 With rank normalization (the default), `tau_target` is the share of freeze units (transformer
 blocks) that may freeze: `tau_target * blocks`, rounded. The default `order="depth"` freezes
@@ -245,8 +259,9 @@ freeze when the scores say a low block matters. Each SAFE row is the default con
 the order its section names and the `tau_target` and schedule shown (warm-up end / ramp end
 as shares of the run), 3 seeds, next
 to plain LoRA and to the same LoRA runs evaluated when their FLOPs reached a share of a full
-run's (training less). Runs went in parallel processes, so no times are reported; FLOPs and
-bytes saved for backward are counted, so they do not depend on the machine.
+run's (training less). The sections whose SAFE rows ran the default order come first. Runs
+went in parallel processes, so no times are reported; FLOPs and bytes saved for backward are
+counted, so they do not depend on the machine.
 
 Rebuild this page from the saved results with
 `python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md`.
@@ -254,15 +269,22 @@ Rebuild this page from the saved results with
 
 
 def render(datasets: list[dict[str, Any]]) -> str:
-    """The Markdown page: per results file its command and machine, then a table per task."""
+    """The Markdown page: per results file its command and machine, then a table per task.
+
+    Results files whose SAFE runs all used the library's default order come first.
+    """
+    from safefreeze import SAFEConfig
+
+    default = SAFEConfig().order
     lines = [INTRO]
-    for data in datasets:
+    for data in sorted(datasets, key=lambda d: any(o != default for t in _tasks(d) for o in _orders(d, t))):
         machine = data["machine"]
         name = machine.get("device_name")
         rows = summarize(data)
         for task in dict.fromkeys(r["task"] for r in rows):
             lines += [
-                f"## {TASK_NAMES.get(task, task)}, device {machine['device']}",
+                f"## {TASK_NAMES.get(task, task)}, device {machine['device']}, "
+                + ", ".join(f"`order={o!r}`" for o in _orders(data, task)),
                 "",
                 "```bash",
                 data["command"],

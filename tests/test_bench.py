@@ -1,4 +1,4 @@
-"""The Rotten Tomatoes benchmark: its statistics, its page from known numbers, and a smoke run."""
+"""The Rotten Tomatoes benchmark and the trade-off study: statistics, pages from known numbers, smoke runs."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def _load(path: Path) -> ModuleType:
 
 report = _load(REPO / "benchmarks" / "report.py")
 rotten = _load(REPO / "benchmarks" / "rotten.py")
+tradeoff = _load(REPO / "benchmarks" / "tradeoff.py")
 
 UNITS = {
     f"encoder.layer.{i}": [f"encoder.layer.{i}.attention.self.{m}" for m in ("query", "value")]
@@ -280,3 +281,82 @@ def test_budget_run_cuts_lora_at_its_budget_or_keeps_it_whole() -> None:
     whole = report.budget_run(_run("lora", 0, 0.8, [10] * 10, [100] * 10))
     assert (whole["stopped_at"], whole["accuracy"], whole["macro_f1"]) == (10, 0.8, 0.8 - 0.1)
     assert whole["step_flops"] == [10] * 10 and whole["wall_time_s"] == 10.0
+
+
+def _tradeoff_run(
+    seed: int, variant: str, accuracy: float, flops: int, saved: float, **extra: Any
+) -> dict[str, Any]:
+    safe = variant != "lora"
+    return {
+        "task": "rotten_tomatoes",
+        "seed": seed,
+        "variant": variant,
+        "tau": 0.67 if safe else None,
+        "budget": None if safe else 0.75,
+        "schedule": [0.1, 0.3] if safe else None,
+        "order": "depth" if safe else None,
+        "accuracy": accuracy,
+        "macro_f1": accuracy - 0.05,
+        "flops": flops,
+        "saved_bytes": saved,
+        "budget_accuracy": None if safe else accuracy - 0.01,
+        "budget_macro_f1": None if safe else accuracy - 0.06,
+        "units": 6 if safe else None,
+        "frozen": [[3, 1], [5, 3]] if safe else None,
+        **extra,
+    }
+
+
+def _tradeoff_data(order: str | None, device: str = "cpu") -> dict[str, Any]:
+    runs = [
+        _tradeoff_run(0, "lora", 0.80, 100, 200),
+        _tradeoff_run(1, "lora", 0.70, 100, 200),
+        _tradeoff_run(0, "safe_tau0.67_w0.1_f0.3", 0.78, 70, 80, order=order),
+        _tradeoff_run(1, "safe_tau0.67_w0.1_f0.3", 0.71, 80, 120, order=order),
+    ]
+    return {
+        "command": f"python benchmarks/tradeoff.py --device {device}",
+        "machine": {"platform": "Linux", "cpus": 2, "device": device, "device_name": None},
+        "runs": runs,
+    }
+
+
+def test_tradeoff_rows_pair_each_seed_with_its_lora_run() -> None:
+    rows = {r["variant"]: r for r in tradeoff.summarize(_tradeoff_data("depth"))}
+    assert rows["lora"]["accuracy"] == pytest.approx(0.75)
+    assert rows["lora stopped at 75% FLOPs"]["accuracy"] == pytest.approx(0.74)
+    safe = rows["safe_tau0.67_w0.1_f0.3"]
+    assert safe["delta"] == pytest.approx(-0.5)  # (-2 + 1) / 2 points
+    assert safe["flops"] == pytest.approx(0.75) and safe["saved"] == pytest.approx(0.5)
+    assert safe["frozen"] == 4.0  # blocks frozen per seed, summed over its freeze events
+
+
+def test_tradeoff_page_puts_the_default_order_first_and_names_each_order() -> None:
+    earlier = _tradeoff_data(None, device="cuda")  # recorded before runs carried their order
+    page = tradeoff.render([earlier, _tradeoff_data("depth")])
+    depth_at, prefix_at = (
+        page.index("device cpu, `order='depth'`"),
+        page.index("device cuda, `order='prefix'`"),
+    )
+    assert depth_at < prefix_at
+    assert (
+        "| SAFE tau_target 0.67, schedule 0.1 / 0.3 | 4.0 | 0.7450 | -0.50 | 0.6950 | 0.750 | 0.500 |" in page
+    )
+    assert "| LoRA stopped at 75% FLOPs |  | 0.7400 |  | 0.6900 | 0.750 | 1.000 |" in page
+
+
+@pytest.mark.slow
+def test_tradeoff_smoke_run_records_the_order_and_schedule(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    results, docs = tmp_path / "tradeoff.json", tmp_path / "tradeoff.md"
+    args = ["--tasks", "rotten_tomatoes", "--taus", "0.67", "--schedules", "0.25/0.5", "--seeds", "0"]
+    args += ["--budgets", "0.5", "--order", "depth", "--threads", "1", "--limit", "128"]
+    assert tradeoff.main([*args, "--results", str(results), "--docs", str(docs)]) == 0
+    runs = {r["variant"]: r for r in json.loads(results.read_text())["runs"]}
+    lora, safe = runs["lora"], runs["safe_tau0.67_w0.25_f0.5"]
+    assert safe["order"] == "depth" and safe["schedule"] == [0.25, 0.5] and safe["steps"] == 4
+    # The default rule froze the lowest round(0.67 * 6) blocks, and freezing cost less than LoRA.
+    assert sum(n for _, n in safe["frozen"]) == 4
+    assert safe["flops"] < lora["flops"] and safe["saved_bytes"] < lora["saved_bytes"]
+    assert lora["budget_step"] == 2  # the first step whose cumulative FLOPs reach half a run's
+    assert "device cpu, `order='depth'`" in docs.read_text()
