@@ -1,10 +1,11 @@
-"""How ``tau_target`` trades savings for accuracy: SAFE's default rule at several shares.
+"""How ``tau_target`` and the warm-up trade savings for accuracy: SAFE's rule at several settings.
 
 With rank normalization, ``tau_target`` is the share of freeze units (transformer blocks)
-that may freeze. This runs the default config at several shares on Rotten Tomatoes and on
-the drug reviews (3 seeds each), next to plain LoRA and LoRA stopped at fixed FLOPs
-budgets, and writes ``benchmarks/results/tradeoff_<device>.json``; ``--docs`` renders the
-table into ``docs/tradeoff.md``.
+that may freeze. This runs the default config at several shares and warm-up schedules
+(``--schedules``, warm-up end / ramp end as shares of the run) on Rotten Tomatoes and on the
+drug reviews (3 seeds each), next to plain LoRA and LoRA stopped at fixed FLOPs budgets, and
+writes ``benchmarks/results/tradeoff_<device>.json``; ``--docs`` renders the table into
+``docs/tradeoff.md``. ``--workers 1`` runs the jobs one at a time in this process.
 
     python benchmarks/tradeoff.py --device cuda --workers 6
     python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md
@@ -259,9 +260,9 @@ freeze when the scores say a low block matters. Each SAFE row is the default con
 the order its section names and the `tau_target` and schedule shown (warm-up end / ramp end
 as shares of the run), 3 seeds, next
 to plain LoRA and to the same LoRA runs evaluated when their FLOPs reached a share of a full
-run's (training less). The sections whose SAFE rows ran the default order come first. Runs
-went in parallel processes, so no times are reported; FLOPs and bytes saved for backward are
-counted, so they do not depend on the machine.
+run's (training less). The sections whose SAFE rows ran the default order come first. The
+recorded runs went in parallel processes (`--workers`), so no times are reported; FLOPs and
+bytes saved for backward are counted, so they do not depend on the machine.
 
 Rebuild this page from the saved results with
 `python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md`.
