@@ -99,7 +99,7 @@ def prefix_costs(
 ) -> list[dict[str, Any]]:
     """Costs of one step with the lowest ``k`` units frozen (merged), for k = 0..units.
 
-    Each row comes from a SAFE run of the default rule (``order="depth"``), a one-step
+    Each row comes from a SAFE run of the lowest-first rule (``order="depth"``), a one-step
     warm-up and ``tau_target = k / units`` (rank normalization: exactly k units freeze, the
     lowest): FLOPs and saved bytes counted on the first step after the freeze, then the
     median time of ``timed`` more steps. Row 0 is a plain LoRA step.
@@ -112,7 +112,7 @@ def prefix_costs(
         model = copy.deepcopy(base)
         model.train()
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
-        config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=k / units)
+        config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=k / units, order="depth")
         optimizer: torch.optim.Optimizer = inner
         safe = None
         if k:

@@ -258,11 +258,11 @@ that many from the bottom up whatever they score; `order="prefix"` freezes them 
 bottom up and stops at the first block that scores at or above the threshold, so fewer may
 freeze when the scores say a low block matters. Each SAFE row is the default config with
 the order its section names and the `tau_target` and schedule shown (warm-up end / ramp end
-as shares of the run), 3 seeds, next
-to plain LoRA and to the same LoRA runs evaluated when their FLOPs reached a share of a full
-run's (training less). The sections whose SAFE rows ran the default order come first. The
-recorded runs went in parallel processes (`--workers`), so no times are reported; FLOPs and
-bytes saved for backward are counted, so they do not depend on the machine.
+as shares of the run), 3 seeds, next to plain LoRA and to the same LoRA runs evaluated when
+their FLOPs reached a share of a full run's (training less). The sections whose SAFE rows
+ran the default order come first. The recorded runs went in parallel processes
+(`--workers`), so no times are reported; FLOPs and bytes saved for backward are counted, so
+they do not depend on the machine.
 
 Rebuild this page from the saved results with
 `python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md`.
@@ -282,7 +282,7 @@ def render(datasets: list[dict[str, Any]]) -> str:
         machine = data["machine"]
         name = machine.get("device_name")
         rows = summarize(data)
-        for task in dict.fromkeys(r["task"] for r in rows):
+        for task in _tasks(data):
             lines += [
                 f"## {TASK_NAMES.get(task, task)}, device {machine['device']}, "
                 + ", ".join(f"`order={o!r}`" for o in _orders(data, task)),
@@ -291,11 +291,7 @@ def render(datasets: list[dict[str, Any]]) -> str:
                 data["command"],
                 "```",
                 "",
-                f"Machine: {machine['platform']}, {machine['cpus']} CPUs"
-                + (f", {name}" if name else "")
-                + ". SAFE rows: "
-                + ", ".join(f"`order={o!r}`" for o in _orders(data, task))
-                + ".",
+                f"Machine: {machine['platform']}, {machine['cpus']} CPUs" + (f", {name}." if name else "."),
                 "",
                 "| run | blocks frozen (of 6) | accuracy | paired Δ accuracy vs LoRA (points) | macro-F1 "
                 "| FLOPs x LoRA | saved for backward x LoRA |",

@@ -128,9 +128,9 @@ def lower_prefix(
 
     SAFEConfig ``order="prefix"``, where the scores pick the prefix: walking up from the
     lowest unit, each unit below the threshold joins the prefix, and the first unit at or
-    above it (or with a NaN score) ends it. Units above a trainable one never freeze: backprop reaches the
-    trainable unit anyway, so freezing them would save only their gradients and optimizer
-    state, and risk their accuracy.
+    above it (or with a NaN score) ends it. Units above a trainable one never freeze:
+    backprop reaches the trainable unit anyway, so freezing them would save only their
+    gradients and optimizer state, and risk their accuracy.
 
     Args:
         order: Unit names in model order, lowest first.
