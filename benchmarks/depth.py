@@ -453,7 +453,7 @@ def score_run(
     out: dict[str, Any] = {}
     model.to(device).train()
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
-    config = SAFEConfig(warmup_steps=steps, freeze_end_step=steps, tau_target=0.0, seed=seed)
+    config = SAFEConfig(warmup_steps=steps, freeze_end_step=steps, tau_target=0.0, score_every=1, seed=seed)
     safe = SAFEOptimizer(inner, model, config)
     for step, batch in enumerate(training_batches(train_data, settings, steps, seed), start=1):
         model(**to(batch, device)).loss.backward()
@@ -1193,7 +1193,8 @@ def _scores_section(results: dict[str, Any]) -> list[str]:
         f"One run per seed ({', '.join(map(str, seeds))}) of {sc['steps']} steps at N = {n}, scored "
         "throughout and freezing nothing (`tau_target=0`), so it trains as plain LoRA does; the "
         "statistics are sums over the scored steps, so the running block scores after step W are "
-        f"those SAFE would finalize with `warmup_steps=W` (the default for this run is "
+        f"those SAFE would finalize with `warmup_steps=W` scoring every warm-up step, as the rules that "
+        f"read the scores do (the default for this run is "
         f"W = {sc['default_warmup']}). Scores are rank-normalized as by default (the share of blocks "
         'scoring lower). "Prefix" is how many blocks the rule that lets the scores pick the prefix '
         f'(`order="prefix"`) would freeze with these scores once the threshold reaches {tau} (at most '

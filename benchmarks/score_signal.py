@@ -175,7 +175,9 @@ def run_seed(
     pairs = find_adapter_pairs(model)
     names = [p.name for p in pairs]
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
-    config = SAFEConfig(warmup_steps=w_max, freeze_end_step=w_max, tau_target=0.0, max_tokens=64, seed=seed)
+    config = SAFEConfig(
+        warmup_steps=w_max, freeze_end_step=w_max, tau_target=0.0, max_tokens=64, score_every=1, seed=seed
+    )
     optimizer = SAFEOptimizer(inner, model, config)
     accumulators = [
         CKAAccumulator(len(pairs), max_rows=m, generator=torch.Generator().manual_seed(seed))
@@ -254,7 +256,14 @@ def safe_scores(
     optimizer = SAFEOptimizer(
         inner,
         model,
-        SAFEConfig(warmup_steps=warmup, freeze_end_step=warmup, tau_target=0.0, max_tokens=64, seed=seed),
+        SAFEConfig(
+            warmup_steps=warmup,
+            freeze_end_step=warmup,
+            tau_target=0.0,
+            max_tokens=64,
+            score_every=1,
+            seed=seed,
+        ),
     )
     for _, batch in zip(range(warmup), batches(train_data, task, seed), strict=False):
         model(**batch).loss.backward()
@@ -415,9 +424,10 @@ def render(results: dict[str, Any]) -> str:
         f"- Seeds {[r['seed'] for r in runs]}: each changes the LoRA init, head init, dropout, data "
         "order and the scoring generator. One run of "
         f"{runs[0]['steps']} steps per seed under `SAFEOptimizer(SAFEConfig(warmup_steps={w_max}, "
-        "tau_target=0.0, ...))`, so nothing freezes.",
+        "tau_target=0.0, score_every=1, ...))`, so nothing freezes and every step is scored.",
         f"- Scores at warm-up W in {warmups} are the scores SAFE would finalize with "
-        "`warmup_steps=W`: the statistics are sums, so a snapshot after step W gives them, and the "
+        "`warmup_steps=W` when it scores every warm-up step (the rules that read the scores do): the "
+        "statistics are sums, so a snapshot after step W gives them, and the "
         "trajectory does not depend on W. Checked: largest difference to `plan.raw_scores` "
         + ", ".join(f"{k}: {v:.1e}" for k, v in runs[0]["max_abs_diff_vs_safe"].items())
         + " (seed 0).",

@@ -165,7 +165,10 @@ def format_plan(plan: FreezePlan, *, source: str = "plan") -> str:
     if plan.scored_at is None:
         scores = "not final yet (the warm-up has not ended)"
     else:
-        scores = f"final at step {plan.scored_at} (normalization {plan.config.normalization!r})"
+        every = plan.config.score_interval
+        cadence = "every warm-up step" if every == 1 else f"every {every} warm-up steps"
+        normalization = plan.config.normalization
+        scores = f"final at step {plan.scored_at} (normalization {normalization!r}, scored {cadence})"
     lines = [
         f"plan: {_escape(source)} ({version}, fingerprint {plan.fingerprint[:12]})",
         f"config: {config}",

@@ -15,6 +15,8 @@ from safefreeze.selection import UNITS as _UNITS
 # Shares of a run's optimizer steps at which SAFEConfig.for_run ends the warm-up and the ramp.
 WARMUP_SHARE = 0.25
 FREEZE_END_SHARE = 0.5
+# Warm-up steps scored by default (score_every=None) under a rule the scores do not steer.
+UNSTEERED_SCORED_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +42,9 @@ class SAFEConfig:
     # How raw importance scores are normalized before thresholding: "rank" (share of units
     # scoring lower), "max" (share of the top score, the paper), "sum" or "none".
     normalization: str = "rank"
-    # Score on every k-th optimizer step of the warm-up (1 = every step).
-    score_every: int = 1
+    # Score on every k-th optimizer step of the warm-up (1 = every step). None: every step
+    # where the scores steer the freezing, else every ceil(warmup_steps / 8)-th: score_interval.
+    score_every: int | None = None
     # Tokens (rows) subsampled per adapter per scored step; None keeps every token.
     max_tokens: int | None = 64
     # Regex over adapter names; adapters with equal capture groups freeze as one unit.
@@ -66,6 +69,8 @@ class SAFEConfig:
     def __post_init__(self) -> None:
         for field in ("warmup_steps", "freeze_end_step", "score_every", "seed"):
             value = getattr(self, field)
+            if field == "score_every" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"SAFEConfig.{field} must be an int, got {value!r}")
         if self.warmup_steps < 1:
@@ -75,9 +80,9 @@ class SAFEConfig:
                 "SAFEConfig requires freeze_end_step >= warmup_steps, got "
                 f"freeze_end_step={self.freeze_end_step}, warmup_steps={self.warmup_steps}"
             )
-        if self.score_every < 1:
+        if self.score_every is not None and self.score_every < 1:
             raise ValueError(f"SAFEConfig requires score_every >= 1, got score_every={self.score_every}")
-        if self.score_every > self.warmup_steps:
+        if self.score_every is not None and self.score_every > self.warmup_steps:
             raise ValueError(
                 "SAFEConfig requires score_every <= warmup_steps, or no warm-up step is scored; got "
                 f"score_every={self.score_every}, warmup_steps={self.warmup_steps}"
@@ -130,6 +135,42 @@ class SAFEConfig:
                     "SAFEConfig.group_by needs at least one capture group naming the unit, "
                     rf"e.g. r'.*layer\.(\d+)\..*', got {self.group_by!r}"
                 )
+
+    @property
+    def scores_steer(self) -> bool:
+        """Whether the warm-up scores can change which units freeze, or how many.
+
+        Under ``order="depth"`` with ``normalization="rank"`` (the default) they cannot: by
+        each step ``tau(t) * units`` units freeze, lowest first, whatever they score; a unit
+        without a finite score still never freezes. Every other rule reads the scores.
+
+        Example:
+            >>> SAFEConfig().scores_steer, SAFEConfig(order="prefix").scores_steer
+            (False, True)
+        """
+        return not (self.order == "depth" and self.normalization == "rank")
+
+    @property
+    def score_interval(self) -> int:
+        """Optimizer steps from one scored warm-up step to the next: ``score_every`` when set.
+
+        When ``score_every`` is None: 1 where the scores steer the freezing
+        (:attr:`scores_steer`); where they do not, ``ceil(warmup_steps / 8)``, so at most
+        eight steps spread over the warm-up are scored. Their scores are recorded in the plan
+        and a unit without a finite score still never freezes, while the other warm-up steps
+        run without the scoring hooks' cost.
+
+        Example:
+            >>> SAFEConfig(warmup_steps=84).score_interval
+            11
+            >>> SAFEConfig(warmup_steps=84, order="prefix").score_interval
+            1
+        """
+        if self.score_every is not None:
+            return self.score_every
+        if self.scores_steer:
+            return 1
+        return -(-self.warmup_steps // UNSTEERED_SCORED_STEPS)
 
     @classmethod
     def paper(cls, **changes: Any) -> SAFEConfig:

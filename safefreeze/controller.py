@@ -257,7 +257,7 @@ class FreezeController:
         if self._final is None and self.step >= cfg.warmup_steps:
             self.finalize_scores()
         elif recorder is not None:
-            recorder.enabled = self.step % cfg.score_every == 0
+            recorder.enabled = self.step % cfg.score_interval == 0
         if self.step < cfg.warmup_steps:
             return None
         threshold = cubic_threshold(
@@ -590,7 +590,7 @@ class FreezeController:
                 self._final = None
                 self.plan.raw_scores, self.plan.normalized_scores, self.plan.scored_at = {}, {}, None
                 if self._hooks.recorder is not None:
-                    self._hooks.recorder.enabled = step % self.config.score_every == 0
+                    self._hooks.recorder.enabled = step % self.config.score_interval == 0
             apply_accumulator()
             for site, (names, digests, done) in merges.items():
                 module = self.model.get_submodule(site)

@@ -95,3 +95,37 @@ def test_from_epochs_refuses_non_finite_or_non_numeric_epochs(epochs: object) ->
         SAFEConfig.from_epochs(10, warmup_epochs=epochs, freeze_end_epoch=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"integer steps_per_epoch >= 1, got 2.5"):
         SAFEConfig.from_epochs(2.5, warmup_epochs=1, freeze_end_epoch=2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "steer", "interval"),
+    [
+        ({}, False, 11),  # the default: ranked scores, lowest first: at most 8 scored steps
+        ({"warmup_steps": 80}, False, 10),
+        ({"warmup_steps": 8}, False, 1),
+        ({"warmup_steps": 9}, False, 2),
+        ({"score_every": 3}, False, 3),
+        ({"order": "prefix"}, True, 1),
+        ({"order": "score"}, True, 1),
+        ({"normalization": "max"}, True, 1),  # the scores set how many freeze
+        ({"order": "prefix", "score_every": 4}, True, 4),
+    ],
+)
+def test_score_interval_scores_every_step_only_where_the_scores_steer(
+    changes: dict[str, object], steer: bool, interval: int
+) -> None:
+    config = SAFEConfig(**{"warmup_steps": 84, "freeze_end_step": 168, **changes})  # type: ignore[arg-type]
+    assert (config.scores_steer, config.score_interval) == (steer, interval)
+    scored = [s + 1 for s in range(config.warmup_steps) if s % interval == 0]
+    assert len(scored) <= (8 if not steer and "score_every" not in changes else config.warmup_steps)
+    assert SAFEConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["score_every"] == changes.get("score_every")
+    assert SAFEConfig.paper(warmup_steps=84).score_interval == 1
+
+
+def test_score_every_none_is_the_default_and_bools_are_refused() -> None:
+    assert SAFEConfig().score_every is None
+    with pytest.raises(TypeError, match=r"score_every must be an int, got True"):
+        SAFEConfig(score_every=True)
+    with pytest.raises(ValueError, match=r"score_every <= warmup_steps"):
+        SAFEConfig(warmup_steps=4, freeze_end_step=8, score_every=5)

@@ -64,6 +64,30 @@ def test_the_model_is_pretrained_minilm_with_lora_on_query_and_value() -> None:
     assert torch.equal(encoder.embeddings.word_embeddings.weight, weights[key])
 
 
+def test_the_overhead_measurement_scores_every_step_whatever_the_rule_scores() -> None:
+    from safefreeze.cka._torch import STAT_BATCHES
+    from safefreeze.demo.task import always_scoring
+
+    # The default rule scores every 11th of 84 warm-up steps; the measurement must not.
+    config = SAFEConfig.for_run(337)
+    assert config.score_interval == 11
+    train, _ = load_drug_reviews()
+    data = encode(train, SMOKE)
+    batch = {k: v[: SMOKE.batch_size] for k, v in data.items()}
+    model = build_model(SMOKE, seed=0)
+    model.train()
+    optimizer = always_scoring(model, config, lr=1e-3)
+    accumulator = optimizer.controller._accumulator
+    assert accumulator is not None and optimizer.controller.config.score_interval == 1
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert accumulator.stats[:, STAT_BATCHES].tolist() == [3.0] * 12
+    assert optimizer.controller.scoring
+    optimizer.close()
+
+
 def test_the_demo_task_is_rotten_tomatoes_sized_for_minutes() -> None:
     assert (DEMO_TASK.dataset, DEMO_TASK.labels) == ("rotten_tomatoes", ("negative", "positive"))
     assert (DEMO_TASK.epochs, DEMO_TASK.batch_size, DEMO_TASK.max_length) == (1, 32, 48)

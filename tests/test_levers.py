@@ -394,7 +394,7 @@ def test_a_damaged_merged_record_is_refused() -> None:
 def test_version_2_plans_migrate_to_per_adapter_units_without_merging() -> None:
     raw = json.loads((PLANS / "v2.json").read_text(encoding="utf-8"))
     new = migrate(raw, source="plan")
-    assert new["version"] == SCHEMA_VERSION == 3
+    assert new["version"] == SCHEMA_VERSION == 4
     assert new["config"]["units"] == "adapter" and new["config"]["merge"] is False
     assert "units" not in raw["config"]
     plan = FreezePlan.from_dict(raw)
@@ -424,3 +424,44 @@ def test_a_version_2_checkpoint_state_loads_with_nothing_merged() -> None:
         warnings.simplefilter("error")
         fresh.load_state_dict(old)
     assert fresh.frozen_adapters == optimizer.frozen_adapters and not fresh.controller.merged_sites
+
+
+# ---- scoring only what the rule reads ------------------------------------------------------
+
+
+def _scored_run(config: SAFEConfig, steps: int) -> tuple[SAFEOptimizer, dict[str, torch.Tensor], list[float]]:
+    """A run of ``steps`` steps; its optimizer, final weights and scored minibatches per step."""
+    from safefreeze.cka._torch import STAT_BATCHES
+
+    torch.manual_seed(0)
+    model = peft_bert(layers=4, lora_dropout=0.1)
+    model.train()
+    optimizer = _optimizer(model, config)
+    accumulator = optimizer.controller._accumulator
+    assert accumulator is not None
+    batches = []
+    for step in range(steps):
+        before = float(accumulator.stats[0, STAT_BATCHES])
+        _step(model, optimizer, step)
+        batches.append(float(accumulator.stats[0, STAT_BATCHES]) - before)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return optimizer, weights, batches
+
+
+def test_a_rule_the_scores_do_not_steer_scores_eight_warmup_steps_and_trains_bit_identically() -> None:
+    steps = {"warmup_steps": 16, "freeze_end_step": 24, "max_tokens": 16}
+    sparse, sparse_weights, sparse_batches = _scored_run(SAFEConfig(**steps), 26)
+    dense, dense_weights, dense_batches = _scored_run(SAFEConfig(**steps, score_every=1), 26)
+    # Steps 1, 3, ..., 15 scored (every ceil(16 / 8) = 2nd), then scoring ends at step 16.
+    assert sparse_batches[:16] == [1.0, 0.0] * 8 and dense_batches[:16] == [1.0] * 16
+    assert sparse.controller.scoring is dense.controller.scoring is False
+    # The scores differ, but the rule freezes the same blocks at the same steps, and scoring
+    # never touches the training: the weights end bit for bit the same.
+    assert sparse.plan.raw_scores != dense.plan.raw_scores
+    assert [(e.step, e.units) for e in sparse.plan.events] == [(e.step, e.units) for e in dense.plan.events]
+    assert len(sparse.frozen_adapters) == 6 and sparse.plan.config.score_every is None
+    for name, weight in dense_weights.items():
+        assert torch.equal(sparse_weights[name], weight), name
+    # A rule that reads the scores scores every warm-up step.
+    prefix, _, prefix_batches = _scored_run(SAFEConfig(**steps, order="prefix"), 17)
+    assert prefix_batches[:16] == [1.0] * 16 and prefix.plan.config.score_interval == 1

@@ -248,7 +248,7 @@ def test_logger_logs_exact_metrics_params_tags_and_artifacts(
         "safefreeze.freeze_end_step": "8",
         "safefreeze.tau_target": "0.6",
         "safefreeze.normalization": "max",
-        "safefreeze.score_every": "1",
+        "safefreeze.score_every": "None",
         "safefreeze.max_tokens": "16",
         "safefreeze.group_by": "None",
         "safefreeze.seed": "0",

@@ -115,7 +115,7 @@ def test_peft_lora_bert_matches_torch_scores(tmp_path: Path) -> None:
     _check_agreement(
         model,
         batches,
-        SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=16, seed=3),
+        SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=16, seed=3, score_every=1),
         tmp_path / "bert.onnx",
     )
 
@@ -152,7 +152,7 @@ def test_peft_lora_llama_matches_torch_scores(tmp_path: Path) -> None:
     _check_agreement(
         model,
         batches,
-        SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=12, seed=5),
+        SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=12, seed=5, score_every=1),
         tmp_path / "llama.onnx",
     )
 
@@ -180,7 +180,7 @@ def test_hand_written_adapters_match_torch_scores(tmp_path: Path, dynamo: bool) 
         mask = torch.ones(4, 6, dtype=torch.long)
         mask[1, 2:] = 0
         batches.append({"x": torch.randn(4, 6, 8, generator=g), "attention_mask": mask})
-    config = SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=8, seed=0)
+    config = SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=8, seed=0, score_every=1)
     _check_agreement(model, batches, config, tmp_path / "hand.onnx", pattern=HAND_LORA, dynamo=dynamo)
 
 
@@ -273,7 +273,9 @@ def test_cli_score_prints_both_and_flags_rank_disagreement(
 ) -> None:
     model = _no_dropout(peft_bert(init_lora_weights=False, lora_dropout=0.0))
     batches = _token_batches(2, 4, 12, 100, types=True)
-    config = SAFEConfig(warmup_steps=10, freeze_end_step=20, max_tokens=16, seed=3, units="adapter")
+    config = SAFEConfig(
+        warmup_steps=10, freeze_end_step=20, max_tokens=16, seed=3, units="adapter", score_every=1
+    )
     opt, expected, _ = _torch_scores(model, batches, config)
     opt.plan.save(tmp_path / "plan.json")
     export_scored_model(model, tmp_path / "m.onnx", batches[0])

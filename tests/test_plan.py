@@ -170,7 +170,7 @@ def test_file_is_plain_versioned_json(recorded: Recorded, tmp_path: Path) -> Non
 
     data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
     assert data["schema"] == "safefreeze.plan"
-    assert data["version"] == SCHEMA_VERSION == 3
+    assert data["version"] == SCHEMA_VERSION == 4
     assert set(data) == {"schema", "version", "config", "model", "units", "scores", "events"}
     assert data["config"] == recorded.plan.config.to_dict()
     assert re.fullmatch(r"[0-9a-f]{64}", data["model"]["fingerprint"])
@@ -306,7 +306,7 @@ def test_newer_schema_version_asks_for_an_upgrade(doc: dict[str, Any], tmp_path:
     with pytest.raises(PlanError) as info:
         FreezePlan.load(path)
     assert str(info.value) == (
-        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 3; "
+        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 4; "
         "upgrade safefreeze to read it"
     )
 
@@ -676,22 +676,22 @@ DAMAGES: list[tuple[str, Any, str]] = [
     (
         "version-zero",
         lambda d: d.update(version=0),
-        "version: expected a plan schema version from 1 to 3, got 0",
+        "version: expected a plan schema version from 1 to 4, got 0",
     ),
     (
         "version-string",
         lambda d: d.update(version="2"),
-        "version: expected a plan schema version from 1 to 3, got '2'",
+        "version: expected a plan schema version from 1 to 4, got '2'",
     ),
     (
         "version-bool",
         lambda d: d.update(version=True),
-        "version: expected a plan schema version from 1 to 3, got true",
+        "version: expected a plan schema version from 1 to 4, got true",
     ),
     (
         "version-missing",
         lambda d: d.pop("version"),
-        "version: expected a plan schema version from 1 to 3, got no 'version' field",
+        "version: expected a plan schema version from 1 to 4, got no 'version' field",
     ),
 ]
 
@@ -899,20 +899,26 @@ def _file_doc(name: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("name", ["v1_without_order.json", "v1.json", "v2.json", "v3.json"])
-def test_checked_in_plans_of_every_version_load(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        # Versions 1 and 2 kept the rule they were recorded under: the paper's, per adapter, unmerged.
+        ("v1_without_order.json", ("score", "adapter", False, 1)),
+        ("v1.json", ("score", "adapter", False, 1)),
+        ("v2.json", ("score", "adapter", False, 1)),
+        ("v3.json", ("prefix", "block", True, 1)),
+        ("v4.json", ("depth", "block", True, 2)),
+    ],
+)
+def test_checked_in_plans_of_every_version_load(name: str, rule: tuple[Any, ...]) -> None:
     raw = _file_doc(name)
     plan = FreezePlan.load(PLANS / name)
-    current = raw["version"] == SCHEMA_VERSION
-    # Older plans keep the rule they were recorded under: the paper's, per adapter, unmerged.
-    old = {"order": "score", "units": "adapter", "merge": False}
     config = plan.config
-    assert (config.order, config.units, config.merge) == (
-        ("prefix", "block", True) if current else tuple(old.values())
-    )
-    assert plan.migrated_from == (None if current else raw["version"])
+    assert (config.order, config.units, config.merge, config.score_interval) == rule
+    assert plan.migrated_from == (None if raw["version"] == SCHEMA_VERSION else raw["version"])
     # Same adapters, units, scores and events: only the version and the filled fields differ.
-    expected = {**raw, "version": SCHEMA_VERSION, "config": {**raw["config"], **({} if current else old)}}
+    filled = {"order": "score", "units": "adapter", "merge": False} if raw["version"] < 3 else {}
+    expected = {**raw, "version": SCHEMA_VERSION, "config": {**raw["config"], **filled}}
     assert plan.to_dict() == expected
     assert plan.events and plan.scored_at is not None
 
@@ -951,7 +957,7 @@ def test_migrate_never_mutates_its_input_and_keeps_a_recorded_order() -> None:
     new = migrate(raw, source="plan")
     assert new["config"]["order"] == "score" and "order" not in raw["config"]
     assert "units" not in raw["config"] and "merge" not in raw["config"]
-    current = _file_doc("v3.json")
+    current = _file_doc("v4.json")
     again = migrate(current, source="plan")
     assert again == current and again is not current
 
@@ -968,17 +974,17 @@ def test_v1_plans_with_empty_units_get_identity_units_unless_grouped() -> None:
     with pytest.raises(PlanError) as info:
         FreezePlan.from_dict(grouped, source="plan file 'old.json'")
     assert str(info.value) == (
-        "plan file 'old.json' cannot be migrated from plan schema version 1 to 3: units: its units "
+        "plan file 'old.json' cannot be migrated from plan schema version 1 to 4: units: its units "
         "are not recorded and config.group_by is 'blocks\\\\.(\\\\d+)\\\\..*', so they are not one per "
         "adapter; re-record the plan"
     )
-    for name in ("v2.json", "v3.json"):
+    for name in ("v2.json", "v3.json", "v4.json"):
         stored = _file_doc(name)
         stored["units"] = {}
         with pytest.raises(
             PlanError, match=r"^plan is damaged: units: expected every adapter in a unit, got 8 in none"
         ):
-            FreezePlan.from_dict(stored)  # versions 2 and 3 record their units
+            FreezePlan.from_dict(stored)  # versions 2 on record their units
 
 
 def test_migrate_refuses_what_is_not_a_plan() -> None:
@@ -987,9 +993,9 @@ def test_migrate_refuses_what_is_not_a_plan() -> None:
     ):
         migrate([], source="ckpt")
     with pytest.raises(
-        PlanError, match=r"^ckpt has plan schema version 4; this safefreeze reads versions up to 3"
+        PlanError, match=r"^ckpt has plan schema version 5; this safefreeze reads versions up to 4"
     ):
-        migrate({"schema": "safefreeze.plan", "version": 4}, source="ckpt")
+        migrate({"schema": "safefreeze.plan", "version": 5}, source="ckpt")
 
 
 def test_check_frozen_matches_events(recorded: Recorded) -> None:

@@ -160,9 +160,9 @@ def test_warmup_checkpoint_holds_scoring_state(runs: Runs) -> None:
     json.dumps(safe, allow_nan=False)  # SAFE's own state is plain JSON
     assert safe["version"] == SCHEMA_VERSION and safe["step"] == WARMUP_STOP
     stats = torch.tensor(safe["accumulator"]["stats"])  # (adapters, columns)
-    # Every adapter scored on both steps, 16 tokens (max_tokens) subsampled from each batch.
-    assert stats[:, STAT_BATCHES].tolist() == [2.0] * 8
-    assert stats[:, STAT_ROWS_USED].tolist() == [32.0] * 8
+    # Every adapter scored on step 1 of the two (score_every=2), 16 tokens (max_tokens) drawn.
+    assert stats[:, STAT_BATCHES].tolist() == [1.0] * 8
+    assert stats[:, STAT_ROWS_USED].tolist() == [16.0] * 8
     assert safe["plan"]["events"] == [] and safe["plan"]["scores"]["scored_at"] is None
 
 

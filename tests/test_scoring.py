@@ -18,7 +18,7 @@ from safefreeze import SAFEConfig, SAFEOptimizer
 from safefreeze.cka._torch import STAT_BATCHES, STAT_ROWS_PADDING, STAT_ROWS_USED
 
 # Scores every token of a batch (no subsampling) and never freezes during these runs.
-SCORE_ONLY = SAFEConfig(warmup_steps=50, freeze_end_step=60, tau_target=0.0, max_tokens=256)
+SCORE_ONLY = SAFEConfig(warmup_steps=50, freeze_end_step=60, tau_target=0.0, max_tokens=256, score_every=1)
 
 
 def _padded_batch(seed: int, batch: int = 4, tokens: int = 16) -> dict[str, torch.Tensor]:
@@ -359,7 +359,7 @@ def _two_adapter_model(active: list[str]) -> nn.Module:
 def test_adapters_sharing_a_site_are_scored_on_their_own_contribution() -> None:
     def scores(active: list[str]) -> list[float]:
         model = _two_adapter_model(active)
-        config = SAFEConfig(warmup_steps=50, freeze_end_step=60, tau_target=0.0, max_tokens=64)
+        config = SAFEConfig(warmup_steps=50, freeze_end_step=60, tau_target=0.0, max_tokens=64, score_every=1)
         with SAFEOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, config) as opt:
             assert len(opt.controller.pairs) == len(active)
             g = torch.Generator().manual_seed(2)

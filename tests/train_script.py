@@ -27,11 +27,18 @@ from safefreeze import FreezePlan, SAFEConfig, SAFEOptimizer
 STEPS = 16
 LAYERS = 4
 BATCH, TOKENS, VOCAB, LABELS = 4, 12, 100, 3
-# max_tokens below the 48 tokens of a batch, so scoring draws subsamples from its generator.
+# max_tokens below the 48 tokens of a batch, so scoring draws subsamples from its generator;
+# every other warm-up step is scored (steps 1 and 3), so a resumed run must pick the cadence up.
 # Depth order over single adapters freezes a lower prefix at several steps, merging each
 # adapter as it freezes, so the checkpoints fall between freezes.
 CONFIG = SAFEConfig(
-    warmup_steps=4, freeze_end_step=10, tau_target=0.7, max_tokens=16, order="depth", units="adapter"
+    warmup_steps=4,
+    freeze_end_step=10,
+    tau_target=0.7,
+    max_tokens=16,
+    score_every=2,
+    order="depth",
+    units="adapter",
 )
 
 

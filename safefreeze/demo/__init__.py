@@ -232,8 +232,8 @@ def _header(task: TaskConfig, config: SAFEConfig, snippets: int, split: int, tes
         )
     lines += [
         f"  test: {tests:,} snippets; both runs alike in seed, data order and settings",
-        f"  SAFE: SAFEConfig.for_run({steps}): warm-up to step {config.warmup_steps}, threshold ramp to "
-        f"step {config.freeze_end_step}; {_rule(config)}",
+        f"  SAFE: SAFEConfig.for_run({steps}): warm-up to step {config.warmup_steps} "
+        f"({_scored(config)}), threshold ramp to step {config.freeze_end_step}; {_rule(config)}",
         "",
     ]
     return "\n".join(lines)
@@ -254,6 +254,14 @@ def _rule(config: SAFEConfig) -> str:
     if config.normalization == "rank":
         what += f", at most {config.tau_target:.0%} of them (tau_target {config.tau_target:g})"
     return what
+
+
+def _scored(config: SAFEConfig) -> str:
+    """Which warm-up steps are scored, in words."""
+    every = config.score_interval
+    if every == 1:
+        return "scored every step"
+    return f"scored every {every} steps, {-(-config.warmup_steps // every)} in all"
 
 
 def _noun(config: SAFEConfig) -> str:

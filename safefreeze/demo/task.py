@@ -386,13 +386,23 @@ def train(
     )
 
 
+def always_scoring(model: nn.Module, config: SAFEConfig, lr: float) -> SAFEOptimizer:
+    """AdamW under SAFE with ``config``'s scoring on every step and a warm-up that never ends."""
+    endless = dataclasses.replace(config, warmup_steps=10**6, freeze_end_step=10**6, score_every=1)
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return SAFEOptimizer(inner, model, endless)
+
+
 def warmup_overhead(
     task: TaskConfig, data: dict[str, torch.Tensor], config: SAFEConfig, pairs: int
 ) -> dict[str, float]:
     """Step time of a scoring warm-up versus plain LoRA, interleaved in one process.
 
     Two copies of the model train on the first batch of ``data``: one plain, one under a
-    SAFE optimizer whose warm-up never ends, so every step of it runs the scoring hooks.
+    SAFE optimizer whose warm-up never ends and that scores every step (``score_every=1``),
+    so every step of it runs the scoring hooks. ``config``'s warm-up scores every
+    ``config.score_interval``-th step; the cost spread over its warm-up is the overhead of a
+    scored step times the share of warm-up steps scored.
     Their steps alternate (the order flips every pair), the first two pairs warm caches up,
     and pair k compares the same step index of both models; the median per-step ratio
     resists noise from other processes.
@@ -405,7 +415,9 @@ def warmup_overhead(
 
     Returns:
         Median step seconds of each model (``plain_step_s``, ``scored_step_s``), the median
-        per-step ratio minus one (``overhead``) and the number of pairs (``steps``).
+        per-step ratio minus one (``overhead``), the number of pairs (``steps``), how many of
+        ``config``'s warm-up steps are scored (``scored_steps`` of ``warmup_steps``) and the
+        overhead spread over its warm-up (``warmup_overhead``).
 
     Raises:
         ValueError: If ``pairs`` is below 1.
@@ -418,12 +430,7 @@ def warmup_overhead(
     plain.train()
     scored.train()
     opt_plain = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=task.lr)
-    long_warmup = dataclasses.replace(config, warmup_steps=10**6, freeze_end_step=10**6)
-    opt_scored = SAFEOptimizer(
-        torch.optim.AdamW([p for p in scored.parameters() if p.requires_grad], lr=task.lr),
-        scored,
-        long_warmup,
-    )
+    opt_scored = always_scoring(scored, config, task.lr)
     runs: tuple[tuple[str, nn.Module, torch.optim.Optimizer], ...] = (
         ("plain", plain, opt_plain),
         ("scored", scored, opt_scored),
@@ -441,11 +448,16 @@ def warmup_overhead(
                 times[name].append(time.perf_counter() - start)
     opt_scored.close()
     ratios = [s / p for s, p in zip(times["scored"], times["plain"], strict=True)]
+    overhead = statistics.median(ratios) - 1.0
+    scored_steps = -(-config.warmup_steps // config.score_interval)
     return {
         "plain_step_s": statistics.median(times["plain"]),
         "scored_step_s": statistics.median(times["scored"]),
-        "overhead": statistics.median(ratios) - 1.0,
+        "overhead": overhead,
         "steps": len(ratios),
+        "scored_steps": scored_steps,
+        "warmup_steps": config.warmup_steps,
+        "warmup_overhead": overhead * scored_steps / config.warmup_steps,
     }
 
 
