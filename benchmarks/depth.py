@@ -61,7 +61,7 @@ from torch import nn
 
 from safefreeze import SAFEConfig, SAFEOptimizer, find_adapter_pairs
 from safefreeze.demo.data import LABELS, Split, load_rotten_tomatoes
-from safefreeze.demo.task import SentenceClassifier, TaskConfig, batches, evaluate
+from safefreeze.demo.task import SentenceClassifier, TaskConfig, batches, evaluate, timed_step
 from safefreeze.demo.task import machine as task_machine
 from safefreeze.measure import measure_step, optimizer_state_bytes
 from safefreeze.merge import merge as merge_site
@@ -355,14 +355,7 @@ def count_variant(
     if cuda:
         _sync(device)
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(settings.timed_steps):
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        inner.step()
-        inner.zero_grad()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times = [timed_step(model, batch, inner) for _ in range(settings.timed_steps)]
     return {
         "forward_flops": costs.forward_flops,
         "backward_flops": costs.backward_flops,

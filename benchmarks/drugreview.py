@@ -11,6 +11,10 @@ Variants, each over the same seeds, data order and hyperparameters:
   which stops at the lowest block scoring at or above the threshold; shows whether letting
   the CKA scores choose helps against the default's lowest-first freezing.
 
+SAFE first trains alone to record its plan and FLOPs; then the four variants of a seed train
+step by step in turn (``train_together``), so their wall times meet the same machine load,
+and SAFE's run among them must end as its run alone did.
+
 Run ``python benchmarks/drugreview.py``; it writes ``benchmarks/results/drugreview.json`` and
 re-renders ``docs/benchmarks.md`` (this benchmark is its last section) and its plots.
 """
@@ -31,7 +35,17 @@ import torch
 
 from safefreeze import SAFEConfig
 from safefreeze.demo.data import load_drug_reviews
-from safefreeze.demo.task import RunResult, TaskConfig, encode, machine, train, warmup_overhead
+from safefreeze.demo.task import (
+    RunResult,
+    TaskConfig,
+    Training,
+    check_same_run,
+    encode,
+    machine,
+    train,
+    train_together,
+    warmup_overhead,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Positive versus negative drug reviews, five epochs of batch 16 at 128 tokens.
@@ -77,40 +91,24 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             test_data,
             seed=seed,
             config=config,
-            progress=functools.partial(show, "safe"),
+            progress=functools.partial(show, "safe (alone)"),
         )
         if safe.plan is None:
             raise RuntimeError("the SAFE run recorded no plan")
-        lora = train(  # also evaluated where its FLOPs reach SAFE's total: LoRA trained less
-            "lora",
-            task,
-            train_data,
-            test_data,
-            seed=seed,
-            progress=functools.partial(show, "lora"),
-            eval_at_flops=safe.total_flops,
-        )
-        oracle = train(
-            "oracle",
-            task,
-            train_data,
-            test_data,
-            seed=seed,
-            plan=safe.plan,
-            progress=functools.partial(show, "oracle"),
-        )
-        prefix = train(
-            "score-prefix",
-            task,
-            train_data,
-            test_data,
-            seed=seed,
-            config=dataclasses.replace(config, order="prefix"),
-            progress=functools.partial(show, "score-prefix"),
-        )
-        runs = {r.variant: r for r in (lora, safe, oracle, prefix)}
-        results += [runs[v] for v in report.DRUG_VARIANTS]
-        for r in (lora, safe, oracle, prefix):
+        options: dict[str, dict[str, Any]] = {
+            "lora": {"eval_at_flops": safe.total_flops},  # where LoRA's FLOPs reach SAFE's total
+            "safe": {"config": config},
+            "oracle": {"plan": safe.plan},
+            "score-prefix": {"config": dataclasses.replace(config, order="prefix")},
+        }
+        together = [
+            Training(name, task, train_data, test_data, seed=seed, **options[name])
+            for name in report.DRUG_VARIANTS
+        ]
+        runs = train_together(together, lambda r, loss: show(r.variant, r.step_index, r.total, loss))
+        check_same_run(safe, runs[report.DRUG_VARIANTS.index("safe")])
+        results += runs
+        for r in runs:
             print(
                 f"seed {seed} {r.variant:12s} acc {r.accuracy:.3f} f1 {r.macro_f1:.3f} "
                 f"TFLOP {r.total_flops / 1e12:.2f} saved {r.mean_saved_bytes / 2**20:.0f} MiB "
@@ -124,6 +122,7 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
         "seeds": seeds,
         "steps_per_epoch": steps_per_epoch,
         "machine": machine(task.device),
+        "together": True,
         "overhead": overhead,
         "runs": [r.to_dict() for r in results],
     }

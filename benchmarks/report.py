@@ -26,6 +26,13 @@ from safefreeze.plots import save_timeline, short_names
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"cpu": "rotten_cpu.json", "cuda": "rotten_cuda.json", "drugreview": "drugreview.json"}
 MIB = 2**20
+# The machine line of a run whose variants trained step by step in turn (rotten.py --together).
+TOGETHER = (
+    " The variants of a seed trained step by step in turn in one process (`train_together`), so the "
+    "machine's slower and faster spells fall on all of them alike and their wall times compare; SAFE "
+    "first trained alone to record the plan the oracle replays and the FLOPs LoRA's budget stops at, "
+    "and its run among the others ended identically (freezes, counted costs, accuracy)."
+)
 # Rotten Tomatoes rows, in table order; lora_budget is the LoRA run cut at SAFE's FLOPs.
 ROWS = ("lora", "lora_budget", "safe", "oracle", "score-prefix", "position", "paper")
 # Per-step saved bytes drawn for seed 0.
@@ -385,10 +392,9 @@ def _scoring_text(cfg: dict[str, Any]) -> str:
     config = SAFEConfig.from_dict(cfg)
     if config.score_interval == 1:
         return "every step is scored"
-    scored = -(-config.warmup_steps // config.score_interval)
     return (
         f"the default rule, which the scores do not steer, scores every {config.score_interval} steps, "
-        f"{scored} in all; the rules that read the scores score every step"
+        f"{config.scored_steps} in all; the rules that read the scores score every step"
     )
 
 
@@ -495,6 +501,7 @@ def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]
             else ""
         )
         + (f" {data['note']}" if data.get("note") else "")
+        + (TOGETHER if data.get("together") else "")
         + _default_note(data)
         + (
             ""
@@ -668,7 +675,7 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
         floor_saved = (warm_saved + (total - warmup) * best["saved_bytes"]) / lora_saved
         lines += [
             "",
-            f"The floor of the default rule: SAFE's {warmup} scored warm-up steps as measured, then "
+            f"The floor of the default rule: SAFE's {warmup} warm-up steps as measured, then "
             f"{best['frozen']} blocks frozen from the very first step after the warm-up (the rule's ramp "
             f"freezes them later) for the remaining {total - warmup} steps: FLOPs "
             f"{floor_flops:.3f}x LoRA and time-averaged bytes saved for backward {floor_saved:.3f}x LoRA. "
@@ -730,7 +737,7 @@ def time_phases(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> l
     )
     last = min(max(last, warmup), total)
     phases = [
-        ("warm-up, scored", 0, warmup),
+        ("warm-up", 0, warmup),
         ("ramp, up to the last freeze", warmup, last),
         ("after the last freeze", last, total),
     ]
@@ -781,7 +788,7 @@ def time_phases(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> l
         frozen = prefix[k]["step_s"] / prefix[0]["step_s"]
         floor = (warmup * warm + (total - warmup) * lora_step * frozen) / (total * lora_step)
         lines[-1] += (
-            f" The floor: the warm-up at SAFE's median scored step ({1000 * warm:.0f} ms), then {k} blocks "
+            f" The floor: the warm-up at SAFE's median warm-up step ({1000 * warm:.0f} ms), then {k} blocks "
             f"frozen from the first step after it at that prefix's measured step time "
             f"({1000 * prefix[k]['step_s']:.0f} ms against {1000 * prefix[0]['step_s']:.0f} ms, "
             f"{frozen:.3f}x): {floor:.3f}x LoRA."
@@ -963,7 +970,8 @@ def drug_section(data: dict[str, Any], images: Path, prefix: str = "bench_drug_"
             else ""
         )
         + f"; oracle and {DRUG_VARIANTS[-1]} as above. Figures saved in `benchmarks/results/drugreview.json`."
-        + (f" {data['note']}" if data.get("note") else ""),
+        + (f" {data['note']}" if data.get("note") else "")
+        + (TOGETHER if data.get("together") else ""),
         "",
         "| variant | accuracy | macro-F1 | units frozen | total TFLOPs | x LoRA "
         "| saved for backward, mean MiB | x LoRA | optimizer state, mean KiB | wall time s | x LoRA |",

@@ -40,10 +40,14 @@ from safefreeze.demo.task import (
     ROTTEN_TOMATOES,
     RunResult,
     TaskConfig,
+    Training,
     build_model,
+    check_same_run,
     encode,
     machine,
+    timed_step,
     train,
+    train_together,
     warmup_overhead,
 )
 from safefreeze.measure import measure_step
@@ -95,26 +99,27 @@ def configs(total_steps: int) -> dict[str, SAFEConfig]:
 
 
 def prefix_costs(
-    task: TaskConfig, data: dict[str, torch.Tensor], units: int, timed: int = 5
+    task: TaskConfig, data: dict[str, torch.Tensor], units: int, timed: int = 10
 ) -> list[dict[str, Any]]:
     """Costs of one step with the lowest ``k`` units frozen (merged), for k = 0..units.
 
     Each row comes from a SAFE run of the lowest-first rule (``order="depth"``), a one-step
     warm-up and ``tau_target = k / units`` (rank normalization: exactly k units freeze, the
     lowest): FLOPs and saved bytes counted on the first step after the freeze, then the
-    median time of ``timed`` more steps. Row 0 is a plain LoRA step.
+    median time of ``timed`` more steps. Row 0 is a plain LoRA step. The timed steps of the
+    rows take turns, one step of each row per round, so the machine's slower and faster
+    spells fall on every row alike.
     """
     device = torch.device(task.device)
     batch = {k: v[: task.batch_size].to(device) for k, v in data.items()}
     base = build_model(task, 0).to(device)
-    rows = []
+    rows, trained = [], []
     for k in range(units + 1):
         model = copy.deepcopy(base)
         model.train()
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
         config = SAFEConfig(warmup_steps=1, freeze_end_step=1, tau_target=k / units, order="depth")
         optimizer: torch.optim.Optimizer = inner
-        safe = None
         if k:
             safe = SAFEOptimizer(inner, model, config)
             optimizer = safe
@@ -127,32 +132,55 @@ def prefix_costs(
         _, costs = measure_step(model, lambda m=model: m(**batch).loss)  # type: ignore[misc]
         optimizer.step()
         optimizer.zero_grad()
-        times = []
-        for _ in range(timed):
-            _sync(device)
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        trained.append((model, optimizer))
         rows.append(
             {
                 "frozen": k,
                 "flops": costs.flops,
                 "forward_flops": costs.forward_flops,
                 "saved_bytes": costs.saved_bytes,
-                "step_s": statistics.median(times) if times else None,
             }
         )
-        if safe is not None:
-            safe.close()
+    times: list[list[float]] = [[] for _ in trained]
+    for _ in range(timed):
+        for (model, optimizer), row_times in zip(trained, times, strict=True):
+            row_times.append(timed_step(model, batch, optimizer))
+    for row, row_times in zip(rows, times, strict=True):
+        row["step_s"] = statistics.median(row_times) if row_times else None
+    for _, optimizer in trained:
+        if isinstance(optimizer, SAFEOptimizer):
+            optimizer.close()
     return rows
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # CUDA runs asynchronously: wait before reading the clock
-        torch.cuda.synchronize(device)
+def _options(name: str, cfgs: dict[str, SAFEConfig], safe: RunResult | None) -> dict[str, Any]:
+    """The :class:`Training` arguments of variant ``name``; ``safe`` is SAFE's run of the seed."""
+    options: dict[str, Any] = {"peak_from_step": cfgs["safe"].warmup_steps}
+    if name == "lora":
+        if safe is not None:
+            options["eval_at_flops"] = safe.total_flops
+    elif name == "oracle":
+        options["plan"] = None if safe is None else safe.plan
+    else:
+        options["config"] = cfgs[name]
+    return options
+
+
+def _show(seed: int, name: str, step: int, total: int, loss: float) -> None:
+    if step == total or step % max(1, total // 10) == 0:
+        print(f"  seed {seed} {name:13s} step {step:4d}/{total}  loss {loss:.3f}", flush=True)
+
+
+def _report(run: RunResult) -> None:
+    budget = ""
+    if run.budget_step:
+        budget = f" (at SAFE's FLOPs, step {run.budget_step}: acc {run.budget_accuracy:.3f})"
+    print(
+        f"seed {run.seed} {run.variant:13s} acc {run.accuracy:.3f} f1 {run.macro_f1:.3f} "
+        f"TFLOP {run.total_flops / 1e12:.2f} saved {run.mean_saved_bytes / 2**20:.0f} MiB "
+        f"time {run.wall_time_s:.0f} s{budget}",
+        flush=True,
+    )
 
 
 def run_seed(
@@ -163,46 +191,54 @@ def run_seed(
     test_data: dict[str, torch.Tensor],
     cfgs: dict[str, SAFEConfig],
     done: Callable[[RunResult], None] = lambda r: None,
+    *,
+    together: bool = False,
 ) -> list[RunResult]:
-    """Run the chosen variants of one seed, SAFE first; ``done`` is called after each run."""
-    warmup = cfgs["safe"].warmup_steps
+    """Run the chosen variants of one seed; ``done`` is called with each result.
+
+    One after another (SAFE first: LoRA's budget is its FLOPs, the oracle replays its plan),
+    or, with ``together``, step by step in turn (:func:`train_together`) so that their wall
+    times meet the same machine load: SAFE then runs once alone first to record the plan and
+    the FLOPs the others need, and its run among the others must end identically.
+    """
+    names = [v for v in VARIANTS if v in variants]
     results: dict[str, RunResult] = {}
-
-    def show(name: str, step: int, total: int, loss: float) -> None:
-        if step == total or step % max(1, total // 10) == 0:
-            print(f"  seed {seed} {name:13s} step {step:4d}/{total}  loss {loss:.3f}", flush=True)
-
-    for name in [v for v in VARIANTS if v in variants]:
-        kwargs: dict[str, Any] = {"peak_from_step": warmup}
-        if name == "lora":
-            if "safe" in results:
-                kwargs["eval_at_flops"] = results["safe"].total_flops
-        elif name == "oracle":
-            kwargs["plan"] = results["safe"].plan
-        else:
-            kwargs["config"] = cfgs[name]
-        run = train(
-            name,
+    if not together:
+        for name in names:
+            run = train(
+                name,
+                task,
+                train_data,
+                test_data,
+                seed=seed,
+                progress=lambda step, total, loss, n=name: _show(seed, n, step, total, loss),
+                **_options(name, cfgs, results.get("safe")),
+            )
+            results[name] = run
+            _report(run)
+            done(run)
+        return list(results.values())
+    recorded = None
+    if "safe" in names:
+        recorded = train(
+            "safe",
             task,
             train_data,
             test_data,
             seed=seed,
-            progress=lambda step, total, loss, n=name: show(n, step, total, loss),
-            **kwargs,
+            progress=lambda step, total, loss: _show(seed, "safe (alone)", step, total, loss),
+            **_options("safe", cfgs, None),
         )
-        results[name] = run
-        budget = (
-            f" (at SAFE's FLOPs, step {run.budget_step}: acc {run.budget_accuracy:.3f})"
-            if run.budget_step
-            else ""
-        )
-        print(
-            f"seed {seed} {name:13s} acc {run.accuracy:.3f} f1 {run.macro_f1:.3f} "
-            f"TFLOP {run.total_flops / 1e12:.2f} saved {run.mean_saved_bytes / 2**20:.0f} MiB "
-            f"time {run.wall_time_s:.0f} s{budget}",
-            flush=True,
-        )
+    runs = [
+        Training(name, task, train_data, test_data, seed=seed, **_options(name, cfgs, recorded))
+        for name in names
+    ]
+    for run in train_together(runs, lambda r, loss: _show(seed, r.variant, r.step_index, r.total, loss)):
+        if recorded is not None and run.variant == "safe":
+            check_same_run(recorded, run)
+        _report(run)
         done(run)
+        results[run.variant] = run
     return list(results.values())
 
 
@@ -214,6 +250,7 @@ def run(
     prefix_timed: int = 5,
     save: Callable[[dict[str, Any]], None] = lambda data: None,
     command: str = "python benchmarks/rotten.py",
+    together: bool | None = None,
 ) -> dict[str, Any]:
     """Train every variant for every seed; ``save`` gets the results so far after each run.
 
@@ -225,6 +262,9 @@ def run(
         prefix_timed: Timed steps per row of :func:`prefix_costs`.
         save: Called with the results after every run and once at the end.
         command: The command line recorded with the results.
+        together: Train a seed's variants step by step in turn (:func:`run_seed`); default
+            on for CPU, off for CUDA, where each run's peak memory needs its model alone on
+            the device.
 
     Returns:
         The JSON-friendly results that ``report.py`` renders.
@@ -241,6 +281,8 @@ def run(
     train_data, test_data = encode(train_split, task), encode(test_split, task)
     total = task.steps(train_data["labels"].shape[0])
     cfgs = configs(total)
+    if together is None:
+        together = torch.device(task.device).type == "cpu"
     data: dict[str, Any] = {
         "benchmark": "rotten_tomatoes",
         "command": command,
@@ -259,6 +301,7 @@ def run(
             "total_steps": total,
         },
         "machine": machine(task.device),
+        "together": together,
         "runs": [],
         "complete": False,
     }
@@ -269,7 +312,7 @@ def run(
         save(data)
 
     for seed in seeds:
-        run_seed(seed, variants, task, train_data, test_data, cfgs, done)
+        run_seed(seed, variants, task, train_data, test_data, cfgs, done, together=together)
     plans = [r["plan"] for r in data["runs"] if r["variant"] == "safe"]
     if plans:  # the step cost of each frozen prefix of SAFE's units
         data["prefix_costs"] = prefix_costs(task, train_data, len(plans[0]["units"]), timed=prefix_timed)
@@ -301,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also run the one-lever ablation (default: on for CUDA, off for CPU)",
+    )
+    parser.add_argument(
+        "--together",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train a seed's variants step by step in turn (default: on for CPU, off for CUDA)",
     )
     parser.add_argument("--limit", type=int, default=None, help="snippets per split (smoke tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -337,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(data, indent=1))
 
-    data = run(task, seeds, variants, pairs, 1 if args.smoke else 5, save, command.strip())
+    data = run(task, seeds, variants, pairs, 1 if args.smoke else 10, save, command.strip(), args.together)
     print(f"results: {results} ({data['elapsed_s']:.0f} s)")
     if not args.no_docs:  # this run's section, the others from the committed results
         print(report.render({**report.load_results(RESULTS), device.type: data}, args.docs))

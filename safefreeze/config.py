@@ -172,6 +172,18 @@ class SAFEConfig:
             return 1
         return -(-self.warmup_steps // UNSTEERED_SCORED_STEPS)
 
+    @property
+    def scored_steps(self) -> int:
+        """How many warm-up steps are scored: steps 1, 1 + k, 1 + 2k, ... for ``k = score_interval``.
+
+        Example:
+            >>> SAFEConfig(warmup_steps=84).scored_steps
+            8
+            >>> SAFEConfig(warmup_steps=84, order="score").scored_steps
+            84
+        """
+        return -(-self.warmup_steps // self.score_interval)
+
     @classmethod
     def paper(cls, **changes: Any) -> SAFEConfig:
         """The paper's rule: per-adapter units scored against the top score, frozen by score.

@@ -186,7 +186,7 @@ def test_section_prints_ratios_and_paired_intervals() -> None:
     assert "FLOPs 0.600x LoRA and time-averaged bytes saved for backward 0.360x LoRA" in page
     assert "lets at most round(0.5 x 2) = 1 of the 2 blocks freeze" in page
     # Time by phase: the warm-up costs as much as LoRA's, the 8 steps after the freeze half.
-    assert "| warm-up, scored | 0-1 | 2.0 | 2.0 | 1.000 |" in page
+    assert "| warm-up | 0-1 | 2.0 | 2.0 | 1.000 |" in page
     assert "| after the last freeze | 2-9 | 4.0 | 8.0 | 0.500 |" in page
     assert "ramp, up to" not in page  # the last freeze ends the warm-up: no ramp phase
     assert "Accuracy, SAFE - LoRA per seed (points): -1.0, -0.5, -1.0." in page
@@ -259,7 +259,9 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
     assert by_score == units[: len(by_score)] and len(by_score) <= len(frozen)
     assert [r["frozen"] for r in data["prefix_costs"]] == list(range(len(units) + 1))
     assert data["complete"] and data["sizes"]["total_steps"] == 4
+    assert data["together"] is True  # on CPU the variants take turns step by step
     page = report.render({"cpu": data}, tmp_path).read_text()
+    assert "trained step by step in turn in one process" in page
     for title in (
         "## Rotten Tomatoes on CPU",
         "### Targets (CPU)",
@@ -270,6 +272,34 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
     assert "```bash\npython3 -m nox -s bench\n```" in page
     for image in ("bench_saved_bytes.png", "bench_timeline.png"):
         assert (tmp_path / "images" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_variants_trained_together_end_as_one_after_another() -> None:
+    pytest.importorskip("peft")
+    task = dataclasses.replace(rotten.TASK, **rotten.SMOKE)
+    train_split, test_split = task.load()
+    train_data, test_data = rotten.encode(train_split, task), rotten.encode(test_split, task)
+    cfgs = rotten.configs(task.steps(train_data["labels"].shape[0]))
+    variants = ["safe", "lora", "oracle"]
+    apart, together = (
+        {r.variant: r for r in rotten.run_seed(0, variants, task, train_data, test_data, cfgs, together=mode)}
+        for mode in (False, True)
+    )
+    assert list(apart) == list(together) == variants
+    for name in variants:
+        a, b = apart[name], together[name]
+        assert (a.accuracy, a.macro_f1, a.step_flops, a.step_saved_bytes, a.budget_step) == (
+            b.accuracy,
+            b.macro_f1,
+            b.step_flops,
+            b.step_saved_bytes,
+            b.budget_step,
+        )
+        assert (a.plan is None) == (b.plan is None)
+        if a.plan is not None and b.plan is not None:
+            assert a.plan.to_dict() == b.plan.to_dict()
+    assert apart["lora"].budget_step is not None  # LoRA's budget came from SAFE's run in both modes
 
 
 def test_budget_run_cuts_lora_at_its_budget_or_keeps_it_whole() -> None:

@@ -117,6 +117,7 @@ def test_score_interval_scores_every_step_only_where_the_scores_steer(
     config = SAFEConfig(**{"warmup_steps": 84, "freeze_end_step": 168, **changes})  # type: ignore[arg-type]
     assert (config.scores_steer, config.score_interval) == (steer, interval)
     scored = [s + 1 for s in range(config.warmup_steps) if s % interval == 0]
+    assert config.scored_steps == len(scored)
     assert len(scored) <= (8 if not steer and "score_every" not in changes else config.warmup_steps)
     assert SAFEConfig.from_json(config.to_json()) == config
     assert json.loads(config.to_json())["score_every"] == changes.get("score_every")

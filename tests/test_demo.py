@@ -88,6 +88,62 @@ def test_the_overhead_measurement_scores_every_step_whatever_the_rule_scores() -
     optimizer.close()
 
 
+def test_runs_trained_together_end_bit_identical_to_runs_trained_alone() -> None:
+    from safefreeze.demo.task import Training, train_together
+
+    train_split, test_split = SMOKE.load()
+    train_data, test_data = encode(train_split, SMOKE), encode(test_split, SMOKE)
+    # Dropout draws on every step of every run: without each run's own random state, taking
+    # turns would change what each one draws.
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5, order="depth")
+
+    def runs() -> list[Training]:
+        return [
+            Training("lora", SMOKE, train_data, test_data, seed=SMOKE_SEED),
+            Training("safe", SMOKE, train_data, test_data, seed=SMOKE_SEED, config=config),
+        ]
+
+    alone = runs()
+    for run in alone:
+        while not run.done:
+            run.step()
+    alone_results = [run.result() for run in alone]
+    together = runs()
+    order: list[str] = []
+    together_results = train_together(together, lambda run, loss: order.append(run.variant))
+    # Step i of both before step i + 1 of either, the first one alternating.
+    assert order == ["lora", "safe", "safe", "lora"] * 4
+    for a, b, ra, rb in zip(alone, together, alone_results, together_results, strict=True):
+        first, second = a.model.state_dict(), b.model.state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        assert (ra.accuracy, ra.step_flops, ra.step_saved_bytes) == (
+            rb.accuracy,
+            rb.step_flops,
+            rb.step_saved_bytes,
+        )
+        assert len(rb.step_times_s) == 8
+    assert alone_results[1].plan is not None and together_results[1].plan is not None
+    assert alone_results[1].plan.to_dict() == together_results[1].plan.to_dict()
+    assert alone_results[1].plan.events, "the safe run should freeze something"
+    # The lora run still trains: its weights moved from the fresh model's.
+    fresh = build_model(SMOKE, SMOKE_SEED).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in alone[0].model.state_dict().items())
+    short = Training("short", dataclasses.replace(SMOKE, batch_size=16), train_data, test_data, seed=0)
+    with pytest.raises(ValueError, match="the same number of steps"):
+        train_together([together[0], short])
+
+
+def test_a_run_that_differs_among_others_is_named_with_what_differs() -> None:
+    from safefreeze.demo.task import RunResult, check_same_run
+
+    alone = RunResult("safe", 3, 0.8, 0.7, [10, 5], [100, 20], [8, 8], 1.0)
+    check_same_run(alone, dataclasses.replace(alone, wall_time_s=2.0))  # time may differ
+    with pytest.raises(
+        RuntimeError, match=r"seed 3: safe trained among other runs .* in \['accuracy', 'step_flops'\]"
+    ):
+        check_same_run(alone, dataclasses.replace(alone, accuracy=0.79, step_flops=[10, 10]))
+
+
 def test_the_demo_task_is_rotten_tomatoes_sized_for_minutes() -> None:
     assert (DEMO_TASK.dataset, DEMO_TASK.labels) == ("rotten_tomatoes", ("negative", "positive"))
     assert (DEMO_TASK.epochs, DEMO_TASK.batch_size, DEMO_TASK.max_length) == (1, 32, 48)
@@ -419,6 +475,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "| target | bar | measured | met |" in page
     assert "| lora_budget | " in page and "lora_budget is LoRA stopped at SAFE's FLOPs: step " in page
+    # The variants took turns step by step; SAFE's run among them matched its run alone.
+    assert data["together"] is True and "trained step by step in turn in one process" in page
     assert (tmp_path / "docs" / "images" / "bench_saved_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "docs" / "images" / "bench_timeline.png").read_bytes()[:4] == b"\x89PNG"
 

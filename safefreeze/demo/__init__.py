@@ -261,7 +261,7 @@ def _scored(config: SAFEConfig) -> str:
     every = config.score_interval
     if every == 1:
         return "scored every step"
-    return f"scored every {every} steps, {-(-config.warmup_steps // every)} in all"
+    return f"scored every {every} steps, {config.scored_steps} in all"
 
 
 def _noun(config: SAFEConfig) -> str:

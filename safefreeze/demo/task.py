@@ -259,21 +259,8 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, fl
     return accuracy, sum(f1s) / len(f1s)
 
 
-def train(
-    variant: str,
-    task: TaskConfig,
-    train_data: dict[str, torch.Tensor],
-    test_data: dict[str, torch.Tensor],
-    *,
-    seed: int,
-    config: SAFEConfig | None = None,
-    plan: FreezePlan | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
-    setup: Callable[[SAFEOptimizer], Any] | None = None,
-    eval_at_flops: int | None = None,
-    peak_from_step: int | None = None,
-) -> RunResult:
-    """Fine-tune once and count what it cost.
+class Training:
+    """One fine-tuning run that advances a step at a time, counting what each step costs.
 
     ``variant`` is a label; what runs is decided by the arguments: no ``config`` and no
     ``plan`` is plain LoRA, a ``config`` records a SAFE run, a ``plan`` replays one.
@@ -283,6 +270,9 @@ def train(
     the count is reused for later steps of the same situation; the other steps run
     without counters and are timed as they are.
 
+    Each run keeps its own random state (dropout) and its own data order, so runs whose
+    steps alternate in one process (:func:`train_together`) end exactly as they would alone.
+
     Args:
         variant: Name of the run in the results.
         task: Fine-tuning settings.
@@ -290,45 +280,74 @@ def train(
         seed: Seeds the model's fresh weights, dropout and the data order.
         config: SAFE settings for a recording run.
         plan: A freeze plan to replay.
-        progress: Called after each step with ``(step, total_steps, loss)``.
         setup: Called with the SAFE optimizer before training (to attach loggers, say).
-        eval_at_flops: Also evaluate (outside the timed loop) at the first step whose
+        eval_at_flops: Also evaluate (outside the timed step) at the first step whose
             cumulative FLOPs reach this budget: a run stopped at that budget.
         peak_from_step: On CUDA, the step from which peak memory is measured (default: the
             end of SAFE's warm-up; the whole run for plain LoRA).
-
-    Returns:
-        The run's accuracy, macro-F1 and costs.
     """
-    device = torch.device(task.device)
-    model = build_model(task, seed).to(device)
-    model.train()
-    train_data = {k: v.to(device) for k, v in train_data.items()}
-    test_data = {k: v.to(device) for k, v in test_data.items()}
-    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
-    total = task.steps(train_data["labels"].shape[0])
-    decay = (lambda step: 1.0 - step / total) if task.schedule == "linear" else (lambda step: 1.0)
-    # On the inner optimizer: its groups are the ones SAFE's wrapper shares and never reorders.
-    schedule = torch.optim.lr_scheduler.LambdaLR(inner, decay)
-    optimizer: torch.optim.Optimizer = inner
-    safe: SAFEOptimizer | None = None
-    if config is not None or plan is not None:
-        safe = SAFEOptimizer(inner, model, config, plan=plan)
-        optimizer = safe
-        if setup is not None:
-            setup(safe)
-    seen: dict[tuple[Any, ...], StepCosts] = {}
-    flops, forward, saved, state, times = [], [], [], [], []
-    counted: list[bool] = []
-    step_peaks: list[int] = []
-    budget: tuple[int, float, float] | None = None
-    if peak_from_step is None and safe is not None:
-        peak_from_step = safe.controller.config.warmup_steps
-    peak = None
-    cuda = device.type == "cuda"
-    for step, batch in enumerate(batches(train_data, task, seed)):
+
+    def __init__(
+        self,
+        variant: str,
+        task: TaskConfig,
+        train_data: dict[str, torch.Tensor],
+        test_data: dict[str, torch.Tensor],
+        *,
+        seed: int,
+        config: SAFEConfig | None = None,
+        plan: FreezePlan | None = None,
+        setup: Callable[[SAFEOptimizer], Any] | None = None,
+        eval_at_flops: int | None = None,
+        peak_from_step: int | None = None,
+    ) -> None:
+        self.variant, self.seed = variant, seed
+        self.device = torch.device(task.device)
+        self.model = build_model(task, seed).to(self.device)
+        self.model.train()
+        train_data = {k: v.to(self.device) for k, v in train_data.items()}
+        self.test_data = {k: v.to(self.device) for k, v in test_data.items()}
+        self.inner = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=task.lr)
+        self.total = task.steps(train_data["labels"].shape[0])
+        total = self.total
+        decay = (lambda step: 1.0 - step / total) if task.schedule == "linear" else (lambda step: 1.0)
+        # On the inner optimizer: its groups are the ones SAFE's wrapper shares and never reorders.
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.inner, decay)
+        self.optimizer: torch.optim.Optimizer = self.inner
+        self.safe: SAFEOptimizer | None = None
+        if config is not None or plan is not None:
+            self.safe = SAFEOptimizer(self.inner, self.model, config, plan=plan)
+            self.optimizer = self.safe
+            if setup is not None:
+                setup(self.safe)
+        if peak_from_step is None and self.safe is not None:
+            peak_from_step = self.safe.controller.config.warmup_steps
+        self.peak_from_step = peak_from_step
+        self.eval_at_flops = eval_at_flops
+        self._batches = batches(train_data, task, seed)
+        self._rng = _rng_state(self.device)
+        self._seen: dict[tuple[Any, ...], StepCosts] = {}
+        self.step_index = 0
+        self.flops: list[int] = []
+        self.forward: list[int] = []
+        self.saved: list[int] = []
+        self.state: list[int] = []
+        self.times: list[float] = []
+        self.counted: list[bool] = []
+        self.step_peaks: list[int] = []
+        self.budget: tuple[int, float, float] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total
+
+    def step(self) -> float:
+        """Train on the next batch; the loss. Only the training step itself is timed."""
+        batch = next(self._batches)
+        model, safe, device = self.model, self.safe, self.device
+        _set_rng_state(self.device, self._rng)
         _sync(device)
-        if cuda:  # each step's own peak; the peak from a step on is the max of these
+        if device.type == "cuda":  # each step's own peak; the peak from a step on is the max of these
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         key = (
@@ -336,54 +355,145 @@ def train(
             safe is not None and safe.controller.scoring,
             tuple(safe.frozen_adapters) if safe is not None else (),
         )
-        counted.append(key not in seen)
-        if key in seen:
+        self.counted.append(key not in self._seen)
+        if key in self._seen:
             loss = model(**batch).loss
             loss.backward()
-            costs = seen[key]
+            costs = self._seen[key]
         else:
             loss, costs = measure_step(model, lambda b=batch: model(**b).loss)  # type: ignore[misc]
-            seen[key] = costs
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
+            self._seen[key] = costs
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.schedule.step()
         _sync(device)
-        times.append(time.perf_counter() - started)
-        if cuda:
-            step_peaks.append(torch.cuda.max_memory_allocated(device))
-        flops.append(costs.flops)
-        forward.append(costs.forward_flops)
-        saved.append(costs.saved_bytes)
-        state.append(optimizer_state_bytes(inner))
-        if budget is None and eval_at_flops is not None and sum(flops) >= eval_at_flops:
-            budget = (step + 1, *evaluate(model, test_data))
+        self.times.append(time.perf_counter() - started)
+        self._rng = _rng_state(device)
+        if device.type == "cuda":
+            self.step_peaks.append(torch.cuda.max_memory_allocated(device))
+        self.flops.append(costs.flops)
+        self.forward.append(costs.forward_flops)
+        self.saved.append(costs.saved_bytes)
+        self.state.append(optimizer_state_bytes(self.inner))
+        self.step_index += 1
+        if self.budget is None and self.eval_at_flops is not None and sum(self.flops) >= self.eval_at_flops:
+            self.budget = (self.step_index, *evaluate(model, self.test_data))
+        return float(loss.detach())
+
+    def result(self) -> RunResult:
+        """Evaluate the trained model; what the run achieved and cost."""
+        peak = None
+        if self.device.type == "cuda":
+            peak = max(self.step_peaks[self.peak_from_step or 0 :], default=None)
+        accuracy, f1 = evaluate(self.model, self.test_data)
+        if not math.isfinite(accuracy):
+            raise RuntimeError(f"{self.variant} run with seed {self.seed} produced a non-finite accuracy")
+        budget = self.budget
+        return RunResult(
+            variant=self.variant,
+            seed=self.seed,
+            accuracy=accuracy,
+            macro_f1=f1,
+            step_flops=self.flops,
+            step_saved_bytes=self.saved,
+            step_state_bytes=self.state,
+            wall_time_s=sum(self.times),
+            plan=None if self.safe is None else self.safe.plan,
+            budget_step=None if budget is None else budget[0],
+            budget_accuracy=None if budget is None else budget[1],
+            budget_macro_f1=None if budget is None else budget[2],
+            step_times_s=self.times,
+            peak_memory_after_warmup=peak,
+            step_forward_flops=self.forward,
+            step_counted=self.counted,
+            step_peak_memory=self.step_peaks,
+        )
+
+
+def train(
+    variant: str,
+    task: TaskConfig,
+    train_data: dict[str, torch.Tensor],
+    test_data: dict[str, torch.Tensor],
+    *,
+    seed: int,
+    progress: Callable[[int, int, float], None] | None = None,
+    **options: Any,
+) -> RunResult:
+    """Fine-tune once and count what it cost: a :class:`Training` run from start to end.
+
+    Args:
+        variant, task, train_data, test_data, seed: As for :class:`Training`.
+        progress: Called after each step with ``(step, total_steps, loss)``.
+        **options: The other keyword arguments of :class:`Training` (``config``, ``plan``,
+            ``setup``, ``eval_at_flops``, ``peak_from_step``).
+
+    Returns:
+        The run's accuracy, macro-F1 and costs.
+    """
+    run = Training(variant, task, train_data, test_data, seed=seed, **options)
+    while not run.done:
+        loss = run.step()
         if progress is not None:
-            progress(step + 1, total, float(loss.detach()))
-    if cuda:
-        peak = max(step_peaks[peak_from_step or 0 :], default=None)
-    wall = sum(times)
-    accuracy, f1 = evaluate(model, test_data)
-    if not math.isfinite(accuracy):
-        raise RuntimeError(f"{variant} run with seed {seed} produced a non-finite accuracy")
-    return RunResult(
-        variant=variant,
-        seed=seed,
-        accuracy=accuracy,
-        macro_f1=f1,
-        step_flops=flops,
-        step_saved_bytes=saved,
-        step_state_bytes=state,
-        wall_time_s=wall,
-        plan=None if safe is None else safe.plan,
-        budget_step=None if budget is None else budget[0],
-        budget_accuracy=None if budget is None else budget[1],
-        budget_macro_f1=None if budget is None else budget[2],
-        step_times_s=times,
-        peak_memory_after_warmup=peak,
-        step_forward_flops=forward,
-        step_counted=counted,
-        step_peak_memory=step_peaks,
-    )
+            progress(run.step_index, run.total, loss)
+    return run.result()
+
+
+def train_together(
+    runs: list[Training], progress: Callable[[Training, float], None] | None = None
+) -> list[RunResult]:
+    """Train ``runs`` step by step in turn, so each meets the same machine load.
+
+    Step ``i`` of every run happens before step ``i + 1`` of any; the run that goes first
+    rotates every step. A slower or faster spell of the machine (other processes, clock
+    changes) then falls on all runs alike, and their wall times compare, where one run
+    after another they differ by the machine's spells as much as by their work.
+
+    Args:
+        runs: Runs of the same number of steps.
+        progress: Called after each step with the run and its loss.
+
+    Returns:
+        Each run's result, in the order of ``runs``.
+
+    Raises:
+        ValueError: If the runs differ in length.
+    """
+    lengths = {run.variant: run.total for run in runs}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"runs trained together need the same number of steps, got {lengths}")
+    for i in range(runs[0].total if runs else 0):
+        shift = i % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            loss = run.step()
+            if progress is not None:
+                progress(run, loss)
+    return [run.result() for run in runs]
+
+
+def check_same_run(alone: RunResult, together: RunResult) -> None:
+    """Check that a run trained among others ended as its run alone did.
+
+    Raises:
+        RuntimeError: Naming what differs (accuracy, macro-F1, counted FLOPs or bytes, the plan).
+    """
+
+    def outcome(run: RunResult) -> dict[str, Any]:
+        return {
+            "accuracy": run.accuracy,
+            "macro_f1": run.macro_f1,
+            "step_flops": run.step_flops,
+            "step_saved_bytes": run.step_saved_bytes,
+            "plan": None if run.plan is None else run.plan.to_dict(),
+        }
+
+    expected, seen = outcome(alone), outcome(together)
+    differ = sorted(k for k in expected if expected[k] != seen[k])
+    if differ:
+        raise RuntimeError(
+            f"seed {alone.seed}: {together.variant} trained among other runs differs from "
+            f"{alone.variant} trained alone in {differ}; runs trained together must not affect each other"
+        )
 
 
 def always_scoring(model: nn.Module, config: SAFEConfig, lr: float) -> SAFEOptimizer:
@@ -438,18 +548,13 @@ def warmup_overhead(
     times: dict[str, list[float]] = {"plain": [], "scored": []}
     for i in range(2 + pairs):
         for name, model, opt in runs[:: 1 if i % 2 else -1]:
-            _sync(device)
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            _sync(device)
+            seconds = timed_step(model, batch, opt)
             if i >= 2:  # the first steps warm caches up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     opt_scored.close()
     ratios = [s / p for s, p in zip(times["scored"], times["plain"], strict=True)]
     overhead = statistics.median(ratios) - 1.0
-    scored_steps = -(-config.warmup_steps // config.score_interval)
+    scored_steps = config.scored_steps
     return {
         "plain_step_s": statistics.median(times["plain"]),
         "scored_step_s": statistics.median(times["scored"]),
@@ -459,6 +564,18 @@ def warmup_overhead(
         "warmup_steps": config.warmup_steps,
         "warmup_overhead": overhead * scored_steps / config.warmup_steps,
     }
+
+
+def timed_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+    """Seconds of one training step of ``model`` on ``batch`` (synchronized on CUDA)."""
+    device = next(model.parameters()).device
+    _sync(device)
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
@@ -481,3 +598,15 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random state that dropout draws from: the CPU generator and, on CUDA, the device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
