@@ -247,7 +247,7 @@ def run(
     seeds: list[int],
     variants: list[str],
     overhead_pairs: int,
-    prefix_timed: int = 5,
+    prefix_timed: int = 10,
     save: Callable[[dict[str, Any]], None] = lambda data: None,
     command: str = "python benchmarks/rotten.py",
     together: bool | None = None,
