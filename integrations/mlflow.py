@@ -3,8 +3,9 @@
 What goes where (MLflow params are write-once, so everything that evolves during training is
 a metric, a tag or an artifact):
 
-- params: every :class:`~safefreeze.SAFEConfig` field as ``safefreeze.<field>`` and the
-  adapter count as ``safefreeze.adapters``, logged once;
+- params: every :class:`~safefreeze.SAFEConfig` field as ``safefreeze.<field>``, the
+  adapter count as ``safefreeze.adapters`` and the warm-up steps between two scored ones
+  (:attr:`~safefreeze.SAFEConfig.score_interval`) as ``safefreeze.score_interval``, logged once;
 - metrics, one value per optimizer step: ``safefreeze/frozen_adapters``,
   ``safefreeze/trainable_adapter_params`` and ``safefreeze/threshold``; once, at the step the
   warm-up ended: ``safefreeze/score/<unit>`` (normalized) and ``safefreeze/raw_score/<unit>``;
@@ -689,6 +690,8 @@ def _join(directory: str, name: str) -> str:
 def _config_params(plan: FreezePlan) -> dict[str, str]:
     params = {PARAM_PREFIX + key: str(value) for key, value in plan.config.to_dict().items()}
     params[PARAM_PREFIX + "adapters"] = str(len(plan.adapters))
+    # The warm-up steps between two scored ones, as the config resolves score_every=None.
+    params[PARAM_PREFIX + "score_interval"] = str(plan.config.score_interval)
     return params
 
 

@@ -94,7 +94,7 @@ class ScoreRecorder:
                 f"{type(mask_fn).__name__}"
             )
         self.accumulator = accumulator
-        self.enabled = True
+        self._enabled = True
         self._mask_fn = mask_fn
         # The padding mask of the forward in flight, and whether a source answered for it
         # (an attention_mask argument that was passed, or mask_fn).
@@ -135,39 +135,80 @@ class ScoreRecorder:
                 self._delta_of[lora_b] = (index, site, pair.adapter)
         # Pairs scored on the base output plus their own contribution, not the site's output.
         self._own_delta = {index for index, _, _ in self._delta_of.values()}
+        self._model = model
+        if mask_fn is None:
+            self._find_mask_carriers(model)
         # One function per role, shared by every module (see the module docstring).
-        on_base = run_eagerly(self._on_base)
-        on_input = run_eagerly(self._on_input)
-        on_site = run_eagerly(self._on_site)
-        on_delta = run_eagerly(self._on_delta)
+        self._hook: dict[str, Callable[..., None]] = {
+            "base": run_eagerly(self._on_base),
+            "input": run_eagerly(self._on_input),
+            "site": run_eagerly(self._on_site),
+            "delta": run_eagerly(self._on_delta),
+            "mask_fn": run_eagerly(self._on_model_mask_fn),
+            "enter": run_eagerly(self._on_carrier_enter),
+            "leave": run_eagerly(self._on_carrier_leave),
+        }
         self._handles: list[RemovableHandle] = []
-        self._handles += [m.register_forward_hook(on_base) for m in self._bases]
-        self._handles += [m.register_forward_pre_hook(on_input) for m in self._inputs]
-        self._handles += [m.register_forward_hook(on_site) for m in self._sites]
-        self._handles += [m.register_forward_hook(on_delta) for m in self._delta_of]
-        self._attach_mask_hooks(model)
+        self._removed = False
+        self._attach()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether forwards are scored. While False the hooks are off the model, so they cost nothing."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        on = bool(on)
+        if on == self._enabled:
+            return
+        self._enabled = on
+        if self._removed:
+            return
+        if on:
+            self._attach()
+        else:
+            self._detach()
 
     @property
     def attached(self) -> bool:
-        """Whether any hook is still registered."""
-        return bool(self._handles)
+        """Whether the recorder still reads forwards: not removed, whether or not it is enabled."""
+        return not self._removed
 
     def remove(self) -> None:
-        """Remove every hook and drop anything held."""
+        """Remove every hook and drop anything held; for good."""
+        self._removed = True
+        self._detach()
+
+    def _attach(self) -> None:
+        """Register the hooks, the same functions each time, so compiled graphs meet them again."""
+        hook = self._hook
+        self._handles += [m.register_forward_hook(hook["base"]) for m in self._bases]
+        self._handles += [m.register_forward_pre_hook(hook["input"]) for m in self._inputs]
+        self._handles += [m.register_forward_hook(hook["site"]) for m in self._sites]
+        self._handles += [m.register_forward_hook(hook["delta"]) for m in self._delta_of]
+        if self._mask_fn is not None:
+            self._handles.append(self._model.register_forward_pre_hook(hook["mask_fn"], with_kwargs=True))
+            return
+        for module in self._mask_arg:
+            self._handles.append(module.register_forward_pre_hook(hook["enter"], with_kwargs=True))
+            self._handles.append(
+                module.register_forward_hook(hook["leave"], with_kwargs=True, always_call=True)
+            )
+
+    def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._pending.clear()
         self._deltas.clear()
+        self._scored.clear()
         self._mask = self._unmasked = None
+        self._depth = 0
 
     # ---- the padding mask -------------------------------------------------------------
 
-    def _attach_mask_hooks(self, model: nn.Module) -> None:
-        if self._mask_fn is not None:
-            on_model = run_eagerly(self._on_model_mask_fn)
-            self._handles.append(model.register_forward_pre_hook(on_model, with_kwargs=True))
-            return
+    def _find_mask_carriers(self, model: nn.Module) -> None:
         # The model and the outermost modules below it that take an attention_mask: a Hugging
         # Face model inside a wrapper. Modules nested in those get the mask from them (BERT's
         # layers get it in another form), and every hooked module splits compiled graphs.
@@ -181,11 +222,6 @@ class ScoreRecorder:
                 carriers[module] = _mask_position(module)
         self._mask_arg = carriers
         self._model_params = _positional_names(model)
-        enter = run_eagerly(self._on_carrier_enter)
-        leave = run_eagerly(self._on_carrier_leave)
-        for module in carriers:
-            self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
 
     def _set_mask(self, mask: Any, *, answered: bool) -> None:
         self._mask = mask.detach().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -265,7 +301,7 @@ class ScoreRecorder:
     # ---- scoring ----------------------------------------------------------------------
 
     def _recording(self, module: nn.Module) -> bool:
-        return self.enabled and module.training and torch.is_grad_enabled()
+        return self._enabled and module.training and torch.is_grad_enabled()
 
     def _should_score(self, index: int, module: nn.Module) -> bool:
         recording = self._recording(module)

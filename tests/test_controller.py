@@ -41,12 +41,21 @@ def test_scores_padding_masked_tokens_subsampled_on_sampled_steps() -> None:
     model = peft_bert(("query", "value"))
     model.train()
     config = SAFEConfig.paper(warmup_steps=6, freeze_end_step=8, tau_target=0.0, score_every=2, max_tokens=32)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    without = hooks()
     opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
     stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
+    counts = []
     for step in range(5):
+        counts.append(hooks())
         model(**_bert_batch(step)).loss.backward()
         opt.step()
         opt.zero_grad()
+    # An unscored step runs with none of the scoring hooks on the model, so they cost nothing.
+    assert counts[1] == counts[3] == without < counts[0] == counts[2] == counts[4]
     # Steps 0, 2, 4 are scored; each sees 4 x 12 = 48 real tokens, subsampled to 32.
     assert stats[:, STAT_BATCHES].tolist() == [3.0] * 4
     assert stats[:, STAT_ROWS_USED].tolist() == [96.0] * 4

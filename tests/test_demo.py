@@ -20,7 +20,15 @@ import torch
 from safefreeze import SAFEConfig
 from safefreeze.demo import DEMO_TASK, DemoResult, majority_baseline, summary
 from safefreeze.demo.data import LABELS, load_drug_reviews
-from safefreeze.demo.task import Output, TaskConfig, build_model, encode, evaluate
+from safefreeze.demo.task import (
+    Output,
+    RunResult,
+    TaskConfig,
+    build_model,
+    check_same_run,
+    encode,
+    evaluate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo's task cut to 8 steps of 8 snippets of 16 tokens, tested on 64 snippets.
@@ -175,6 +183,8 @@ class Smoke:
     out: str
     err: str
     cwd: Path
+    # Each variant trained on its own after the demo, in the demo's process.
+    alone: dict[str, RunResult]
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +193,20 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
     code = (
         "import pickle\n"
         "from safefreeze.demo import run_demo\n"
-        "from safefreeze.demo.task import TaskConfig\n"
-        f"result = run_demo({SMOKE!r}, seed={SMOKE_SEED})\n"
+        "from safefreeze.demo.task import TaskConfig, encode, train\n"
+        f"task = {SMOKE!r}\n"
+        f"result = run_demo(task, seed={SMOKE_SEED})\n"
+        # Each run again on its own, in the same process (same threads, so the same floats),
+        # without the weight-loading bars that would land in the demo's stderr.
+        "from transformers.utils import logging\n"
+        "logging.disable_progress_bar()\n"
+        "data = [encode(split, task) for split in task.load()]\n"
+        "alone = {\n"
+        f"    variant: train(variant, task, *data, seed={SMOKE_SEED}, config=config)\n"
+        "    for variant, config in (('lora', None), ('safe', result.config))\n"
+        "}\n"
         "with open('result.pkl', 'wb') as f:\n"
-        "    pickle.dump(result, f)\n"
+        "    pickle.dump((result, alone), f)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # Bytes, not text: text mode would turn the bars' carriage returns into newlines.
@@ -195,8 +215,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
     )
     out, err = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 0, err[-3000:]
-    result = pickle.loads((cwd / "result.pkl").read_bytes())
-    return Smoke(result, out, err, cwd)
+    result, alone = pickle.loads((cwd / "result.pkl").read_bytes())
+    return Smoke(result, out, err, cwd, alone)
 
 
 def _table(out: str) -> dict[str, list[str]]:
@@ -379,17 +399,34 @@ def test_the_printed_commands_open_the_runs(smoke: Smoke) -> None:
     assert "encoder.base_model.model.encoder.layer.0" in done.stdout
 
 
-def test_the_output_is_two_bars_and_no_library_noise(smoke: Smoke) -> None:
-    # Each bar redraws itself with \r and ends with one \n; nested bars would move the cursor.
+def test_the_output_is_one_bar_for_both_runs_and_no_library_noise(smoke: Smoke) -> None:
+    import mlflow
+
+    # The bar redraws itself with \r and ends with one \n; nested bars would move the cursor.
     assert "\x1b[" not in smoke.err
-    lora, safe = smoke.err.split("\n")[:2]
-    assert smoke.err.count("\n") == 2
-    assert all(p.startswith("LoRA: ") and "frozen" not in p for p in lora.split("\r") if p)
-    assert all(p.startswith("SAFE: ") for p in safe.split("\r") if p)
+    assert smoke.err.count("\n") == 1
+    bar = smoke.err.split("\n")[0]
+    assert all(p.startswith("LoRA and SAFE: ") for p in bar.split("\r") if p)
     frozen = len(smoke.result.safe.plan.unit_freeze_steps)  # type: ignore[union-attr]
-    assert re.search(rf"\| 8/8 \[[^]]*, loss \d\.\d{{3}}, frozen {frozen}/6 blocks\]$", safe)
-    assert re.search(r"loss \d\.\d{3}\]$", lora)
+    shown = re.search(
+        rf"\| 8/8 \[[^]]*, LoRA loss (\d\.\d{{3}}), SAFE loss (\d\.\d{{3}}), frozen {frozen}/6 blocks\]$", bar
+    )
+    assert shown is not None, bar
+    # Each loss is its own run's last one, as logged.
+    client = mlflow.MlflowClient(f"sqlite:///{smoke.cwd / 'mlflow.db'}")
+    for variant, cell in (("lora", shown[1]), ("safe", shown[2])):
+        last = client.get_metric_history(smoke.result.run_ids[variant], "loss")[-1]
+        assert (last.step, f"{last.value:.3f}") == (8, cell)
     assert "INFO" not in smoke.out and "Loading weights" not in smoke.out
+
+
+def test_the_demo_runs_end_as_they_would_alone(smoke: Smoke) -> None:
+    # The demo trains LoRA and SAFE step by step in turn; each ends as a run of its own.
+    assert sorted(smoke.alone) == ["lora", "safe"]
+    for variant, alone in smoke.alone.items():
+        check_same_run(alone, getattr(smoke.result, variant))
+    header = "  test: 64 snippets; both runs alike in seed, data order and settings, trained in turn"
+    assert f"{header} (a step each)\n" in smoke.out
 
 
 def test_demo_command_without_mlflow(
@@ -481,7 +518,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "docs" / "images" / "bench_timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_run_that_fails_is_ended_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_that_fail_are_ended_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
     import safefreeze.demo
@@ -491,11 +528,11 @@ def test_a_run_that_fails_is_ended_as_failed(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(safefreeze.demo, "train", broken)
+    monkeypatch.setattr(safefreeze.demo, "train_together", broken)
     with pytest.raises(RuntimeError, match="out of memory, say"):
         safefreeze.demo.run_demo(dataclasses.replace(SMOKE, limit=16), out=io.StringIO())
     client = mlflow.MlflowClient("sqlite:///mlflow.db")
     experiment = client.get_experiment_by_name("safefreeze-demo")
     assert experiment is not None
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert (run.info.run_name, run.info.status) == ("minilm-rotten_tomatoes-lora", "FAILED")
+    runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert runs == {"minilm-rotten_tomatoes-lora": "FAILED", "minilm-rotten_tomatoes-safe": "FAILED"}

@@ -256,6 +256,7 @@ def test_logger_logs_exact_metrics_params_tags_and_artifacts(
         "safefreeze.units": "adapter",
         "safefreeze.merge": "False",
         "safefreeze.adapters": "8",
+        "safefreeze.score_interval": "1",
     }
     safe_tags = {k: v for k, v in run.data.tags.items() if k.startswith("safefreeze.")}
     assert safe_tags == {
@@ -387,6 +388,19 @@ def test_relogging_the_same_config_is_a_no_op_and_a_changed_one_is_refused(
         MLflowFreezeLogger(opt2)
     assert mlflow.active_run() is None
     assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_the_score_interval_the_config_resolves_is_a_param(store: str) -> None:
+    # score_every=None lets the rule choose; the param says what it chose.
+    model, opt = _hand()
+    _train_hand(model, opt, 6, None)
+    sparse = dataclasses.replace(opt.plan, config=SAFEConfig.for_run(337))
+    client = mlflow.MlflowClient(store)
+    for plan, interval in ((opt.plan, "1"), (sparse, "11")):
+        with mlflow.start_run() as run:
+            log_plan(plan)
+        params = client.get_run(run.info.run_id).data.params
+        assert (params["safefreeze.score_every"], params["safefreeze.score_interval"]) == ("None", interval)
 
 
 def test_log_plan_and_tag_replay_need_a_run() -> None:

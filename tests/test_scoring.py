@@ -3,6 +3,7 @@ gradient checkpointing, and several adapters active at one site."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -226,18 +227,17 @@ class _CountingBackend:
         return run
 
 
-def _compiled_run(safe: bool) -> tuple[list[int], dict[str, float]]:
-    """Ops run inside compiled graphs per step, and SAFE's final raw scores."""
+def _compiled_run(config: SAFEConfig | None, steps: int = 6) -> tuple[list[int], dict[str, float]]:
+    """Ops run inside compiled graphs per step, and SAFE's final raw scores (None: plain LoRA)."""
     torch._dynamo.reset()
     model = peft_bert(layers=8, seed=0)  # 16 LoRA adapters on query and value
     model.train()
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    config = SAFEConfig(warmup_steps=3, freeze_end_step=50, tau_target=0.5, merge=False, max_tokens=32)
-    opt: torch.optim.Optimizer = SAFEOptimizer(inner, model, config) if safe else inner
+    opt: torch.optim.Optimizer = inner if config is None else SAFEOptimizer(inner, model, config)
     backend = _CountingBackend()
     compiled = torch.compile(model, backend=backend)
     ops = []
-    for step in range(6):
+    for step in range(steps):
         backend.ops_run = 0
         compiled(**_padded_batch(step, batch=4, tokens=16)).loss.backward()
         opt.step()
@@ -248,17 +248,23 @@ def _compiled_run(safe: bool) -> tuple[list[int], dict[str, float]]:
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_scoring_a_compiled_model_hits_no_recompile_limit_and_leaves_it_compiled() -> None:
+    config = SAFEConfig(warmup_steps=3, freeze_end_step=50, tau_target=0.5, merge=False, max_tokens=32)
+    # A longer warm-up scores every other step: the hooks come off and back on five times.
+    sparse = dataclasses.replace(config, warmup_steps=16)
+    assert sparse.score_interval == 2
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        plain, _ = _compiled_run(safe=False)
-        ops, scores = _compiled_run(safe=True)
-    # Every op of the forward runs in a compiled graph, during the warm-up and after it.
+        plain, _ = _compiled_run(None, steps=12)
+        ops, scores = _compiled_run(config)
+        sparse_ops, _ = _compiled_run(sparse, steps=12)
+    # Every op of the forward runs in a compiled graph, during the warm-up and after it,
+    # whether the step is scored or not.
     assert plain[-1] > 300
-    assert ops == plain
+    assert ops == plain[:6]
+    assert sparse_ops == plain
     torch._dynamo.reset()
     # The hooks run eagerly on the tensors the graphs produce: the scores are the eager ones.
     model = peft_bert(layers=8, seed=0)
     model.train()
-    config = SAFEConfig(warmup_steps=3, freeze_end_step=50, tau_target=0.5, merge=False, max_tokens=32)
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with SAFEOptimizer(inner, model, config) as opt:
         for step in range(3):

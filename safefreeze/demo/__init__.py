@@ -31,7 +31,7 @@ import torch
 
 from safefreeze._optional import require
 from safefreeze.config import SAFEConfig
-from safefreeze.demo.task import ROTTEN_TOMATOES, RunResult, TaskConfig, encode, train
+from safefreeze.demo.task import ROTTEN_TOMATOES, RunResult, TaskConfig, Training, encode, train_together
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import FreezePlan
 from safefreeze.plots import short_names
@@ -58,6 +58,8 @@ _HF_MODULES = ("transformers", "peft", "tqdm")
 # A saving is small, and the summary says why, when SAFE's FLOPs or bytes saved for backward
 # stay above this share of LoRA's.
 _SMALL = 0.5
+# The demo's runs, in the order they start, and how the output names them.
+_LABELS = {"lora": "LoRA", "safe": "SAFE"}
 
 
 @dataclasses.dataclass
@@ -124,11 +126,13 @@ def run_demo(
     mlflow: bool | None = None,
     out: TextIO | None = None,
 ) -> DemoResult:
-    """Fine-tune with plain LoRA, then with SAFE, and print a table that compares them.
+    """Fine-tune with plain LoRA and with SAFE, and print a table that compares them.
 
-    Each run shows one progress bar (on standard error). Both runs use ``task`` and
-    ``seed``, so they see the same snippets in the same order; SAFE's settings are
-    ``SAFEConfig.for_run(steps)``.
+    The two runs take their steps in turn in this process (:func:`train_together`), so a
+    slower or faster spell of the machine falls on both and their wall times compare; one
+    progress bar (on standard error) follows both. Both runs use ``task`` and ``seed``, so
+    they see the same snippets in the same order, and each ends as it would alone; SAFE's
+    settings are ``SAFEConfig.for_run(steps)``.
 
     Args:
         task: Fine-tuning settings.
@@ -163,39 +167,36 @@ def run_demo(
         _header(task, config, snippets, len(full.texts), int(test_data["labels"].shape[0]), total), file=out
     )
     tracker = _tracker(mlflow, out)
-    results: dict[str, RunResult] = {}
+    variants = {"lora": None, "safe": config}  # in the order of _LABELS
     held: list[SAFEOptimizer] = []
+    bar = _Bar(total)
+
+    def setup(optimizer: SAFEOptimizer) -> None:
+        held.append(optimizer)
+        bar.watch(optimizer)
+        if tracker is not None:
+            tracker.attach(optimizer)
+
     with _quiet():
-        for variant, safe_config in (("lora", None), ("safe", config)):
-            if tracker is not None:
-                tracker.start(variant, task, seed)
-            bar = _Bar(total, "SAFE" if safe_config else "LoRA")
-
-            def setup(optimizer: SAFEOptimizer, bar: _Bar = bar) -> None:
-                held.append(optimizer)
-                bar.watch(optimizer)
+        try:
+            runs = []
+            for variant, safe_config in variants.items():
                 if tracker is not None:
-                    tracker.attach(optimizer)
-
-            try:
-                results[variant] = train(
-                    variant,
-                    task,
-                    train_data,
-                    test_data,
-                    seed=seed,
-                    config=safe_config,
-                    progress=bar,
-                    setup=setup,
+                    tracker.start(variant, task, seed)
+                runs.append(
+                    Training(variant, task, train_data, test_data, seed=seed, config=safe_config, setup=setup)
                 )
-            except BaseException as err:  # end the run as MLflow should show it, then stop
-                if tracker is not None:
-                    tracker.abort(variant, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-                raise
-            finally:
-                bar.close()
+            results = dict(zip(variants, train_together(runs, bar), strict=True))
+        except BaseException as err:  # end the runs as MLflow should show them, then stop
             if tracker is not None:
-                tracker.finish(variant, results[variant], bar.losses)
+                for variant in variants:
+                    tracker.abort(variant, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            bar.close()
+        if tracker is not None:
+            for variant in variants:
+                tracker.finish(variant, results[variant], bar.losses[variant])
     majority = majority_baseline(train_data["labels"], test_data["labels"], len(task.labels))
     result = DemoResult(
         task=task,
@@ -231,7 +232,8 @@ def _header(task: TaskConfig, config: SAFEConfig, snippets: int, split: int, tes
             "    (a subset, so that both runs, evaluation included, fit in 4 minutes on two CPU cores)"
         )
     lines += [
-        f"  test: {tests:,} snippets; both runs alike in seed, data order and settings",
+        f"  test: {tests:,} snippets; both runs alike in seed, data order and settings, trained in turn "
+        "(a step each)",
         f"  SAFE: SAFEConfig.for_run({steps}): warm-up to step {config.warmup_steps} "
         f"({_scored(config)}), threshold ramp to step {config.freeze_end_step}; {_rule(config)}",
         "",
@@ -412,32 +414,39 @@ def _seconds(value: float) -> str:
 
 
 class _Bar:
-    """One tqdm bar per run: the loss, and for SAFE the frozen units, in its postfix."""
+    """One tqdm bar for both runs, which take their steps in turn.
 
-    def __init__(self, total: int, desc: str) -> None:
+    The bar moves once both runs have taken a step; its postfix shows each run's loss and
+    SAFE's frozen units.
+    """
+
+    def __init__(self, total: int) -> None:
         tqdm = require("tqdm.auto", "hf").tqdm
-        self._bar = tqdm(total=total, desc=desc, unit="step")
+        self._bar = tqdm(total=total, desc="LoRA and SAFE", unit="step")
         self._optimizer: SAFEOptimizer | None = None
-        # The loss of every step, for the tracker.
-        self.losses: list[float] = []
+        # The loss of every step per run, for the tracker.
+        self.losses: dict[str, list[float]] = {variant: [] for variant in _LABELS}
 
     def watch(self, optimizer: SAFEOptimizer) -> None:
         """Show how many of ``optimizer``'s units are frozen."""
         self._optimizer = optimizer
 
-    def __call__(self, step: int, total: int, loss: float) -> None:
-        """Show ``step``'s loss; close after the last step, so the bar's time is training alone."""
-        self.losses.append(loss)
-        postfix = f"loss {loss:.3f}"
+    def __call__(self, run: Training, loss: float) -> None:
+        """Record ``run``'s loss; move once every run took the step, close after the last one."""
+        self.losses[run.variant].append(loss)
+        step = min(len(losses) for losses in self.losses.values())
+        if step == self._bar.n:
+            return
+        parts = [f"{_LABELS[variant]} loss {losses[step - 1]:.3f}" for variant, losses in self.losses.items()]
         optimizer = self._optimizer
         if optimizer is not None:
             units = optimizer.controller.units
-            postfix += (
-                f", frozen {len(optimizer.frozen_units)}/{len(units)} {_noun(optimizer.controller.config)}"
+            parts.append(
+                f"frozen {len(optimizer.frozen_units)}/{len(units)} {_noun(optimizer.controller.config)}"
             )
-        self._bar.set_postfix_str(postfix, refresh=False)
+        self._bar.set_postfix_str(", ".join(parts), refresh=False)
         self._bar.update(1)
-        if step == total:  # evaluation follows
+        if step == run.total:  # evaluation follows, so the bar's time is training alone
             self._bar.close()
 
     def close(self) -> None:
