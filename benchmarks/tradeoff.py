@@ -33,6 +33,9 @@ TAUS = (0.33, 0.5, 0.67, 0.8, 1.0)
 # LoRA evaluated when its cumulative FLOPs reach these shares of a full LoRA run.
 BUDGETS = (0.6, 0.7, 0.8, 0.9)
 SEEDS = (0, 1, 2)
+# The benchmark's bars for SAFE's default against plain LoRA (docs/benchmarks.md): accuracy
+# points (paired difference), bytes saved for backward and FLOPs (ratios).
+ACCURACY_BAR, SAVED_BAR, FLOPS_BAR = -1.0, 0.50, 0.60
 
 
 def tasks() -> dict[str, Any]:
@@ -299,8 +302,7 @@ def render(datasets: list[dict[str, Any]]) -> str:
             ]
             for r in (r for r in rows if r["task"] == task):
                 if r["variant"].startswith("safe_"):
-                    schedule = r["variant"].split("_w", 1)[1].replace("_f", " / ")
-                    label = f"SAFE tau_target {r['tau']}, schedule {schedule}"
+                    label = f"SAFE {_setting(r)}"
                     frozen, delta = f"{r['frozen']:.1f}", f"{r['delta']:+.2f}"
                 else:
                     label, frozen, delta = r["variant"].replace("lora", "LoRA"), "", ""
@@ -308,8 +310,47 @@ def render(datasets: list[dict[str, Any]]) -> str:
                     f"| {label} | {frozen} | {r['accuracy']:.4f} | {delta} | {r['macro_f1']:.4f} | "
                     f"{r['flops']:.3f} | {r['saved']:.3f} |"
                 )
-            lines.append("")
+            lines += ["", frontier([r for r in rows if r["task"] == task]), ""]
     return "\n".join(lines)
+
+
+def _setting(row: dict[str, Any]) -> str:
+    schedule = row["variant"].split("_w", 1)[1].replace("_f", " / ")
+    return f"tau_target {row['tau']}, schedule {schedule}"
+
+
+def frontier(rows: list[dict[str, Any]]) -> str:
+    """Where a task's SAFE settings stand against the benchmark's bars, in one paragraph."""
+    safe = [r for r in rows if r["variant"].startswith("safe_")]
+    if not safe:
+        return ""
+    bars = (
+        f"Against the benchmark's bars (accuracy at most {-ACCURACY_BAR:g} point below LoRA's, "
+        f"bytes saved for backward at most {SAVED_BAR:.2f}x, FLOPs at most {FLOPS_BAR:.2f}x): "
+    )
+    close = [r for r in safe if r["delta"] >= ACCURACY_BAR]
+    if close:
+        least_saved = min(close, key=lambda r: r["saved"])
+        least_flops = min(close, key=lambda r: r["flops"])
+        text = (
+            f"within {-ACCURACY_BAR:g} point the least bytes are {least_saved['saved']:.3f}x "
+            f"({_setting(least_saved)}) and the fewest FLOPs {least_flops['flops']:.3f}x "
+            f"({_setting(least_flops)})"
+        )
+    else:
+        text = f"no setting is within {-ACCURACY_BAR:g} point"
+    small = [r for r in safe if r["saved"] <= SAVED_BAR]
+    if small:
+        best = max(small, key=lambda r: r["delta"])
+        text += (
+            f"; at or below {SAVED_BAR:.2f}x bytes the least accuracy lost is {-best['delta']:.2f} points "
+            f"({_setting(best)})"
+        )
+    else:
+        text += f"; no setting reaches {SAVED_BAR:.2f}x bytes"
+    both = [r for r in close if r["saved"] <= SAVED_BAR and r["flops"] <= FLOPS_BAR]
+    met = ", ".join(_setting(r) for r in both)
+    return bars + text + (f"; {met} meets all three." if both else "; no setting meets all three.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,6 +366,32 @@ def test_tradeoff_rows_pair_each_seed_with_its_lora_run() -> None:
     assert safe["frozen"] == 4.0  # blocks frozen per seed, summed over its freeze events
 
 
+def test_tradeoff_frontier_names_the_best_setting_on_each_side_of_the_bars() -> None:
+    def row(variant: str, delta: float, saved: float, flops: float) -> dict[str, Any]:
+        tau = float(variant.split("_w")[0].removeprefix("safe_tau"))
+        return {"variant": variant, "tau": tau, "delta": delta, "saved": saved, "flops": flops}
+
+    lora = {"variant": "lora", "accuracy": 0.8, "flops": 1.0, "saved": 1.0}
+    close = row("safe_tau0.67_w0.25_f0.5", -0.5, 0.55, 0.75)
+    cheap = row("safe_tau0.67_w0.1_f0.3", -1.5, 0.45, 0.65)
+    bars = (
+        "Against the benchmark's bars (accuracy at most 1 point below LoRA's, bytes saved for backward "
+        "at most 0.50x, FLOPs at most 0.60x): "
+    )
+    assert tradeoff.frontier([lora, close, cheap]) == bars + (
+        "within 1 point the least bytes are 0.550x (tau_target 0.67, schedule 0.25 / 0.5) and the fewest "
+        "FLOPs 0.750x (tau_target 0.67, schedule 0.25 / 0.5); at or below 0.50x bytes the least accuracy "
+        "lost is 1.50 points (tau_target 0.67, schedule 0.1 / 0.3); no setting meets all three."
+    )
+    assert tradeoff.frontier([lora, cheap]).startswith(bars + "no setting is within 1 point; at or below")
+    assert "no setting reaches 0.50x bytes; no setting meets all three." in tradeoff.frontier([lora, close])
+    good = row("safe_tau0.8_w0.25_f0.5", -0.2, 0.40, 0.58)
+    assert tradeoff.frontier([lora, close, good]).endswith(
+        "; tau_target 0.8, schedule 0.25 / 0.5 meets all three."
+    )
+    assert tradeoff.frontier([lora]) == ""
+
+
 def test_tradeoff_page_puts_the_default_order_first_and_names_each_order() -> None:
     earlier = _tradeoff_data(None, device="cuda")  # recorded before runs carried their order
     page = tradeoff.render([earlier, _tradeoff_data("depth")])
