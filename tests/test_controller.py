@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from safefreeze import AdapterPattern, FreezeController, SAFEConfig, SAFEOptimizer
 from safefreeze.cka._torch import STAT_BATCHES, STAT_ROWS_NONFINITE, STAT_ROWS_USED
+from safefreeze.hooks import MaskFn
 
 HAND_LORA = AdapterPattern(base="base", params=r"lora_(?:down|up)\..+")
 BOTTLENECK = AdapterPattern(site=r".*\.adapter", base=None, params=r"(?:down|up)\..+")
@@ -37,7 +39,13 @@ def _bert_batch(seed: int, pad_from: int = 12) -> dict[str, torch.Tensor]:
     }
 
 
-def test_scores_padding_masked_tokens_subsampled_on_sampled_steps() -> None:
+def _mask_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return kwargs["attention_mask"].bool()
+
+
+# The padding mask found in the forward's arguments, or given by mask_fn.
+@pytest.mark.parametrize("mask_fn", [None, _mask_argument])
+def test_scores_padding_masked_tokens_subsampled_on_sampled_steps(mask_fn: MaskFn | None) -> None:
     model = peft_bert(("query", "value"))
     model.train()
     config = SAFEConfig.paper(warmup_steps=6, freeze_end_step=8, tau_target=0.0, score_every=2, max_tokens=32)
@@ -46,7 +54,8 @@ def test_scores_padding_masked_tokens_subsampled_on_sampled_steps() -> None:
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
     without = hooks()
-    opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt = SAFEOptimizer(inner, model, config, mask_fn=mask_fn)
     stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
     counts = []
     for step in range(5):
