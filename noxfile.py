@@ -84,7 +84,7 @@ def _install_demo(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Plain LoRA and SAFE side by side: MiniLM-L6 on Rotten Tomatoes (CPU, about 3 minutes)."""
+    """Plain LoRA and SAFE side by side: MiniLM-L6 on Rotten Tomatoes (CPU, under 4 minutes)."""
     _install_demo(session)
     session.run("safefreeze", "demo", *session.posargs)
 

@@ -615,7 +615,7 @@ def train_run(
             torch.cuda.reset_peak_memory_stats()
         batch = to(batch, device)
         key = (
-            safe is not None and safe.controller.scoring,
+            safe is not None and safe.controller.scoring_now,
             tuple(safe.frozen_adapters) if safe is not None else (),
         )
         tick = time.perf_counter()

@@ -63,16 +63,20 @@ _RULES = {
 }
 # Drug-review runs, in table order.
 DRUG_VARIANTS = ("lora", "safe", "oracle", "score-prefix")
+# The benchmark's bars for SAFE's default against plain LoRA: the most its time-averaged bytes
+# saved for backward, total FLOPs and CPU wall time may be as shares of LoRA's, the most
+# accuracy and macro-F1 may fall (points), and the most scoring may add to a warm-up step.
+SAVED_BAR, FLOPS_BAR, WALL_BAR, DROP_BAR, OVERHEAD_BAR = 0.50, 0.60, 0.75, 1.0, 0.03
 # The drug-review benchmark's targets: key -> (what is measured, the most it may be).
 DRUG_TARGETS: dict[str, tuple[str, float]] = {
-    "saved_bytes": ("bytes saved for backward, time-averaged, SAFE / LoRA", 0.50),
-    "flops": ("total training FLOPs, SAFE / LoRA", 0.60),
-    "wall_time": ("wall time (CPU), SAFE / LoRA", 0.75),
-    "accuracy_drop_points": ("accuracy, LoRA - SAFE (points)", 1.0),
-    "macro_f1_drop_points": ("macro-F1, LoRA - SAFE (points)", 1.0),
+    "saved_bytes": ("bytes saved for backward, time-averaged, SAFE / LoRA", SAVED_BAR),
+    "flops": ("total training FLOPs, SAFE / LoRA", FLOPS_BAR),
+    "wall_time": ("wall time (CPU), SAFE / LoRA", WALL_BAR),
+    "accuracy_drop_points": ("accuracy, LoRA - SAFE (points)", DROP_BAR),
+    "macro_f1_drop_points": ("macro-F1, LoRA - SAFE (points)", DROP_BAR),
     "budget_drop_points": ("accuracy, LoRA stopped at SAFE's FLOPs - SAFE (points)", 0.0),
-    "warmup_overhead": ("warm-up step overhead (scoring hooks vs LoRA), per scored step", 0.03),
-    "warmup_spread": ("warm-up scoring overhead spread over the warm-up", 0.03),
+    "warmup_overhead": ("warm-up step overhead (scoring hooks vs LoRA), per scored step", OVERHEAD_BAR),
+    "warmup_spread": ("warm-up scoring overhead spread over the warm-up", OVERHEAD_BAR),
     "flops_vs_oracle": ("SAFE FLOPs vs oracle, relative difference", 0.02),
 }
 # SAFEConfig fields the drug-review section shows.
@@ -264,17 +268,22 @@ def targets(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[
         return rows
     saved, flops = ratio(s, "safe", "saved_bytes"), ratio(s, "safe", "flops")
     rows += [
-        ("bytes saved for backward, time-averaged, SAFE / LoRA", "<= 0.50", saved, saved <= 0.50),
-        ("total training FLOPs, SAFE / LoRA", "<= 0.60", flops, flops <= 0.60),
+        (
+            "bytes saved for backward, time-averaged, SAFE / LoRA",
+            _at_most(SAVED_BAR),
+            saved,
+            saved <= SAVED_BAR,
+        ),
+        ("total training FLOPs, SAFE / LoRA", _at_most(FLOPS_BAR), flops, flops <= FLOPS_BAR),
     ]
     if data["machine"].get("device", "cpu").startswith("cpu"):
         wall = ratio(s, "safe", "wall_time")
-        rows.append(("wall time (CPU), SAFE / LoRA", "<= 0.75", wall, wall <= 0.75))
+        rows.append(("wall time (CPU), SAFE / LoRA", _at_most(WALL_BAR), wall, wall <= WALL_BAR))
     acc, _ = _versus_lora(s, "safe", "accuracy")
     f1, _ = _versus_lora(s, "safe", "macro_f1")
     rows += [
-        ("accuracy, SAFE - LoRA (points)", ">= -1.0", 100 * acc, 100 * acc >= -1.0),
-        ("macro-F1, SAFE - LoRA (points)", ">= -1.0", 100 * f1, 100 * f1 >= -1.0),
+        ("accuracy, SAFE - LoRA (points)", f">= {-DROP_BAR:.1f}", 100 * acc, 100 * acc >= -DROP_BAR),
+        ("macro-F1, SAFE - LoRA (points)", f">= {-DROP_BAR:.1f}", 100 * f1, 100 * f1 >= -DROP_BAR),
     ]
     if "lora_budget" in s:
         gap = 100 * (statistics.fmean(s["safe"]["accuracy"]) - statistics.fmean(s["lora_budget"]["accuracy"]))
@@ -282,10 +291,15 @@ def targets(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[
     if "overhead" in data:
         o = data["overhead"]["overhead"]
         per_step = "warm-up scoring overhead per scored step, share of a LoRA step"
-        rows.append((per_step, "<= 0.03", o, o <= 0.03))
+        rows.append((per_step, _at_most(OVERHEAD_BAR), o, o <= OVERHEAD_BAR))
         spread = _spread_overhead(data["overhead"])
-        rows.append(("warm-up scoring overhead spread over the warm-up", "<= 0.03", spread, spread <= 0.03))
+        spread_text = "warm-up scoring overhead spread over the warm-up"
+        rows.append((spread_text, _at_most(OVERHEAD_BAR), spread, spread <= OVERHEAD_BAR))
     return rows
+
+
+def _at_most(bar: float) -> str:
+    return f"<= {bar:.2f}"
 
 
 def _spread_overhead(o: dict[str, Any]) -> float:
@@ -683,9 +697,10 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
             "A shorter warm-up lowers the floor; what it costs in accuracy at the default rule is "
             "measured on [the trade-off page](tradeoff.md).",
         ]
-        if floor_flops > 0.60:
+        if floor_flops > FLOPS_BAR:
             lines.append(
-                f"So the 0.60x FLOPs target is out of reach while the top {units - allowed} block(s) train: "
+                f"So the {FLOPS_BAR:.2f}x FLOPs target is out of reach while the top {units - allowed} "
+                "block(s) train: "
                 f"even the floor is {floor_flops:.3f}x, because the forward pass "
                 f"({base['forward_flops'] / base['flops']:.0%} of a LoRA step) is paid on every step."
             )

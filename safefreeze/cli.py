@@ -254,7 +254,7 @@ def _code(ch: str) -> str:
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser(
         "demo",
-        help="plain LoRA vs SAFE on Rotten Tomatoes with pretrained MiniLM-L6 (CPU, about 3 minutes)",
+        help="plain LoRA vs SAFE on Rotten Tomatoes with pretrained MiniLM-L6 (CPU, under 4 min)",
         description=(
             "Fine-tune pretrained MiniLM-L6 with plain LoRA and with SAFE on Rotten Tomatoes snippets "
             "(same data, order, seed and settings), then compare accuracy, macro-F1, training FLOPs, "

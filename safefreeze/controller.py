@@ -175,8 +175,18 @@ class FreezeController:
 
     @property
     def scoring(self) -> bool:
-        """Whether scoring hooks are attached (only during the warm-up of a recording run)."""
+        """Whether the warm-up of a recording run goes on, its scores not yet final.
+
+        Within it, the forwards of every :attr:`SAFEConfig.score_interval`-th step are scored
+        (:attr:`scoring_now`).
+        """
         return self._hooks.recorder is not None
+
+    @property
+    def scoring_now(self) -> bool:
+        """Whether the training forwards of the current step are scored: the hooks are on the model."""
+        recorder = self._hooks.recorder
+        return recorder is not None and recorder.enabled
 
     @property
     def closed(self) -> bool:

@@ -170,11 +170,6 @@ class ScoreRecorder:
         else:
             self._detach()
 
-    @property
-    def attached(self) -> bool:
-        """Whether the recorder still reads forwards: not removed, whether or not it is enabled."""
-        return not self._removed
-
     def remove(self) -> None:
         """Remove every hook and drop anything held; for good."""
         self._removed = True

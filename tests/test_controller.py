@@ -57,21 +57,23 @@ def test_scores_padding_masked_tokens_subsampled_on_sampled_steps(mask_fn: MaskF
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     opt = SAFEOptimizer(inner, model, config, mask_fn=mask_fn)
     stats = opt.controller._accumulator.stats  # type: ignore[union-attr]
-    counts = []
+    counts, now = [], []
     for step in range(5):
         counts.append(hooks())
+        now.append(opt.controller.scoring_now)
         model(**_bert_batch(step)).loss.backward()
         opt.step()
         opt.zero_grad()
     # An unscored step runs with none of the scoring hooks on the model, so they cost nothing.
     assert counts[1] == counts[3] == without < counts[0] == counts[2] == counts[4]
+    assert now == [True, False, True, False, True]
     # Steps 0, 2, 4 are scored; each sees 4 x 12 = 48 real tokens, subsampled to 32.
     assert stats[:, STAT_BATCHES].tolist() == [3.0] * 4
     assert stats[:, STAT_ROWS_USED].tolist() == [96.0] * 4
     assert stats[:, STAT_ROWS_NONFINITE].tolist() == [0.0] * 4
     assert opt.controller.scoring
     opt.step()  # step 6 = warmup_steps: scores are final, hooks gone
-    assert not opt.controller.scoring
+    assert not opt.controller.scoring and not opt.controller.scoring_now
     assert opt.plan.scored_at == 6
     assert max(opt.scores.values()) == 1.0
     assert all(0.0 < s <= 1.0 for s in opt.scores.values())

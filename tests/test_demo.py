@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -526,13 +527,46 @@ def test_runs_that_fail_are_ended_as_failed(tmp_path: Path, monkeypatch: pytest.
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("out of memory, say")
 
+    # An absolute store: MLflow caches stores by URI, so a relative one may be another test's.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(safefreeze.demo, "train_together", broken)
     with pytest.raises(RuntimeError, match="out of memory, say"):
         safefreeze.demo.run_demo(dataclasses.replace(SMOKE, limit=16), out=io.StringIO())
-    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("safefreeze-demo")
     assert experiment is not None
     runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert runs == {"minilm-rotten_tomatoes-lora": "FAILED", "minilm-rotten_tomatoes-safe": "FAILED"}
+
+
+def test_every_run_created_is_ended_when_mlflow_fails_midway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    import safefreeze.demo
+
+    created = mlflow.MlflowClient.create_run
+
+    def create_run(self: mlflow.MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("run_name", "").endswith("-safe"):  # the store gives out after the first run
+            raise RuntimeError("database is locked, say")
+        return created(self, *args, **kwargs)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run)
+    out = io.StringIO()
+    with pytest.warns(RuntimeWarning, match=r"while starting the safe run \(RuntimeError: database is"):
+        result = safefreeze.demo.run_demo(dataclasses.replace(SMOKE, limit=16), out=out)
+    # The demo went on untracked, and the LoRA run it had created is not left RUNNING.
+    assert result.run_ids == {"lora": result.run_ids["lora"]}
+    assert "Was it worth it?" in out.getvalue() and "MLflow experiment" not in out.getvalue()
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("safefreeze-demo")
+    assert experiment is not None
+    runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert runs == {"minilm-rotten_tomatoes-lora": "FAILED"}

@@ -214,6 +214,9 @@ def _run_with_restarts(plan: FreezePlan | None, stops: list[int]) -> tuple[dict[
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        # Resumed onto an unscored warm-up step, the scoring hooks are off the model.
+        controller = optimizer.controller
+        assert controller.scoring_now == (controller.scoring and stop % controller.config.score_interval == 0)
         start = stop
     train_script.train(model, optimizer, start, train_script.STEPS)
     params = {name: p.detach() for name, p in model.named_parameters()}

@@ -227,8 +227,8 @@ class _CountingBackend:
         return run
 
 
-def _compiled_run(config: SAFEConfig | None, steps: int = 6) -> tuple[list[int], dict[str, float]]:
-    """Ops run inside compiled graphs per step, and SAFE's final raw scores (None: plain LoRA)."""
+def _compiled_run(config: SAFEConfig | None, steps: int = 6) -> tuple[list[int], torch.optim.Optimizer]:
+    """Ops run inside compiled graphs per step, and the optimizer (None: plain LoRA)."""
     torch._dynamo.reset()
     model = peft_bert(layers=8, seed=0)  # 16 LoRA adapters on query and value
     model.train()
@@ -243,7 +243,7 @@ def _compiled_run(config: SAFEConfig | None, steps: int = 6) -> tuple[list[int],
         opt.step()
         opt.zero_grad()
         ops.append(backend.ops_run)
-    return ops, (opt.plan.raw_scores if isinstance(opt, SAFEOptimizer) else {})
+    return ops, opt
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -254,13 +254,18 @@ def test_scoring_a_compiled_model_hits_no_recompile_limit_and_leaves_it_compiled
     assert sparse.score_interval == 2
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         plain, _ = _compiled_run(None, steps=12)
-        ops, scores = _compiled_run(config)
-        sparse_ops, _ = _compiled_run(sparse, steps=12)
+        ops, opt = _compiled_run(config)
+        sparse_ops, sparse_opt = _compiled_run(sparse, steps=12)
+    assert isinstance(opt, SAFEOptimizer) and isinstance(sparse_opt, SAFEOptimizer)
+    scores = opt.plan.raw_scores
     # Every op of the forward runs in a compiled graph, during the warm-up and after it,
     # whether the step is scored or not.
     assert plain[-1] > 300
     assert ops == plain[:6]
     assert sparse_ops == plain
+    # The hooks put back on the compiled model score again: steps 0, 2, ..., 10 for every adapter.
+    stats = sparse_opt.controller._accumulator.stats  # type: ignore[union-attr]
+    assert stats[:, STAT_BATCHES].tolist() == [6.0] * 16
     torch._dynamo.reset()
     # The hooks run eagerly on the tensors the graphs produce: the scores are the eager ones.
     model = peft_bert(layers=8, seed=0)

@@ -168,14 +168,7 @@ def run_demo(
     tracker = _tracker(mlflow, out)
     variants = {"lora": None, "safe": config}  # in the order of _LABELS
     held: list[SAFEOptimizer] = []
-    bar = _Bar(total)
-
-    def setup(optimizer: SAFEOptimizer) -> None:
-        held.append(optimizer)
-        bar.watch(optimizer)
-        if tracker is not None:
-            tracker.attach(optimizer)
-
+    bar: _Bar | None = None
     with _quiet():
         try:
             runs = []
@@ -183,19 +176,25 @@ def run_demo(
                 if tracker is not None:
                     tracker.start(variant, task, seed)
                 runs.append(
-                    Training(variant, task, train_data, test_data, seed=seed, config=safe_config, setup=setup)
+                    Training(
+                        variant, task, train_data, test_data, seed=seed, config=safe_config, setup=held.append
+                    )
                 )
+            if tracker is not None:
+                tracker.attach(held[0])
+            bar = _Bar(total, held[0])  # once both models are built: the bar times training alone
             results = dict(zip(variants, train_together(runs, bar), strict=True))
-        except BaseException as err:  # end the runs as MLflow should show them, then stop
+            bar.close()
             if tracker is not None:
                 for variant in variants:
-                    tracker.abort(variant, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                    tracker.finish(variant, results[variant], bar.losses[variant])
+        except BaseException as err:  # end the runs as MLflow should show them, then stop
+            if tracker is not None:
+                tracker.abort("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         finally:
-            bar.close()
-        if tracker is not None:
-            for variant in variants:
-                tracker.finish(variant, results[variant], bar.losses[variant])
+            if bar is not None:
+                bar.close()
     majority = majority_baseline(train_data["labels"], test_data["labels"], len(task.labels))
     result = DemoResult(
         task=task,
@@ -419,16 +418,13 @@ class _Bar:
     SAFE's frozen units.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, optimizer: SAFEOptimizer) -> None:
         tqdm = require("tqdm.auto", "hf").tqdm
         self._bar = tqdm(total=total, desc="LoRA and SAFE", unit="step")
-        self._optimizer: SAFEOptimizer | None = None
+        # SAFE's optimizer, whose frozen units the bar shows.
+        self._optimizer = optimizer
         # The loss of every step per run, for the tracker.
         self.losses: dict[str, list[float]] = {variant: [] for variant in _LABELS}
-
-    def watch(self, optimizer: SAFEOptimizer) -> None:
-        """Show how many of ``optimizer``'s units are frozen."""
-        self._optimizer = optimizer
 
     def __call__(self, run: Training, loss: float) -> None:
         """Record ``run``'s loss; move once every run took the step, close after the last one."""
@@ -437,12 +433,9 @@ class _Bar:
         if step == self._bar.n:
             return
         parts = [f"{_LABELS[variant]} loss {losses[step - 1]:.3f}" for variant, losses in self.losses.items()]
-        optimizer = self._optimizer
-        if optimizer is not None:
-            units = optimizer.controller.units
-            parts.append(
-                f"frozen {len(optimizer.frozen_units)}/{len(units)} {_noun(optimizer.controller.config)}"
-            )
+        controller = self._optimizer.controller
+        frozen = len(self._optimizer.frozen_units)
+        parts.append(f"frozen {frozen}/{len(controller.units)} {_noun(controller.config)}")
         self._bar.set_postfix_str(", ".join(parts), refresh=False)
         self._bar.update(1)
         if step == run.total:  # evaluation follows, so the bar's time is training alone
@@ -458,7 +451,7 @@ def _quiet() -> Iterator[None]:
 
     MLflow logs INFO lines when it creates a store (alembic too, on some versions), and
     transformers draws a weight-loading bar for every model it builds, which would land
-    between the demo's own bars.
+    next to the demo's own bar.
     """
     hf_logging = importlib.import_module("transformers.utils.logging")
     bars = hf_logging.is_progress_bar_enabled()
@@ -481,7 +474,8 @@ class _Tracker:
 
     The demo creates both runs itself, so they sit side by side and a run the user has
     active is left alone; the freeze logger logs SAFE's timeline and plan into its run.
-    An MLflow failure is warned about once and the demo goes on untracked.
+    An MLflow failure is warned about once and the demo goes on untracked; every run
+    created is still ended, ``FAILED`` unless all of it was logged.
     """
 
     def __init__(self) -> None:
@@ -493,6 +487,8 @@ class _Tracker:
         self.error: Exception | None = None
         self._client: Any = None
         self._logger: Any = None
+        # Runs created and not yet ended.
+        self._open: list[str] = []
 
     def start(self, variant: str, task: TaskConfig, seed: int) -> None:
         """Create the run of ``variant`` and log the task's settings as its params."""
@@ -504,6 +500,7 @@ class _Tracker:
             experiment = found.experiment_id if found else self._client.create_experiment(EXPERIMENT)
             run = self._client.create_run(experiment, run_name=f"minilm-{task.dataset}-{variant}").info.run_id
             self.run_ids[variant] = run
+            self._open.append(run)
             params = {f"task.{k}": str(v) for k, v in dataclasses.asdict(task).items()}
             params |= {"variant": variant, "seed": str(seed)}
             entities = importlib.import_module("mlflow.entities")
@@ -525,9 +522,8 @@ class _Tracker:
         if self._logger is not None and variant == "safe":
             self._logger.finish()
             if self._logger.error is not None:
-                self.error = self._logger.error
+                self.error = self.error or self._logger.error
                 self.run_ids.pop(variant)
-                return
 
         def finish() -> None:
             entities = importlib.import_module("mlflow.entities")
@@ -544,18 +540,28 @@ class _Tracker:
             metrics += [entities.Metric(k, v, now, len(losses)) for k, v in final.items()]
             for start in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics per batch
                 self._client.log_batch(run, metrics=metrics[start : start + 1000], synchronous=True)
-            self._client.set_terminated(run, "FINISHED")
 
         self._guard(f"logging the {variant} run", finish)
+        self._end(run, "FINISHED" if self.error is None else "FAILED")
 
-    def abort(self, variant: str, status: str) -> None:
-        """End the run of ``variant``, whose training failed, with ``status``."""
-        run = self.run_ids.pop(variant, None)
-        if run is None:
-            return
-        if self._logger is not None and variant == "safe":
+    def abort(self, status: str) -> None:
+        """End every run still open with ``status``: the training failed or was interrupted."""
+        if self._logger is not None:
             self._logger.finish(status)
-        self._guard(f"ending the {variant} run", lambda: self._client.set_terminated(run, status))
+        for run in list(self._open):
+            self._end(run, status)
+        self.run_ids.clear()
+
+    def _end(self, run: str, status: str) -> None:
+        """End ``run``; after an MLflow failure (already warned about), as far as the store allows."""
+        if run not in self._open:
+            return
+        self._open.remove(run)
+        if self.error is None:
+            self._guard(f"ending run {run}", lambda: self._client.set_terminated(run, status))
+            return
+        with contextlib.suppress(Exception):  # a run not wholly logged did not finish
+            self._client.set_terminated(run, "FAILED" if status == "FINISHED" else status)
 
     def print_commands(self, out: TextIO) -> None:
         """Print the commands that open the runs, as they work from the working directory."""

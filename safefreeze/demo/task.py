@@ -352,7 +352,7 @@ class Training:
         started = time.perf_counter()
         key = (
             tuple(batch["input_ids"].shape),
-            safe is not None and safe.controller.scoring,
+            safe is not None and safe.controller.scoring_now,
             tuple(safe.frozen_adapters) if safe is not None else (),
         )
         self.counted.append(key not in self._seen)
