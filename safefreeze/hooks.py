@@ -68,6 +68,10 @@ class ScoreRecorder:
     scored is not scored again there, and one whose forward ran without grad (reentrant
     checkpointing) is scored from the recomputation, so each forward counts once.
 
+    While :attr:`enabled` is False the hooks are off the model. Put back, they run after any
+    forward hooks registered on the same modules in the meantime, so a hook that changes a
+    base layer's output in place, registered after SAFE, is seen by the scoring from then on.
+
     Args:
         model: The model whose forwards are read.
         pairs: Pairs to score; pair ``i`` feeds row ``i`` of ``accumulator``.
