@@ -184,7 +184,6 @@ def run_demo(
                 tracker.attach(held[0])
             bar = _Bar(total, held[0])  # once both models are built: the bar times training alone
             results = dict(zip(variants, train_together(runs, bar), strict=True))
-            bar.close()
             if tracker is not None:
                 for variant in variants:
                     tracker.finish(variant, results[variant], bar.losses[variant])
@@ -542,7 +541,7 @@ class _Tracker:
                 self._client.log_batch(run, metrics=metrics[start : start + 1000], synchronous=True)
 
         self._guard(f"logging the {variant} run", finish)
-        self._end(run, "FINISHED" if self.error is None else "FAILED")
+        self._end(run, "FINISHED")
 
     def abort(self, status: str) -> None:
         """End every run still open with ``status``: the training failed or was interrupted."""
@@ -553,14 +552,18 @@ class _Tracker:
         self.run_ids.clear()
 
     def _end(self, run: str, status: str) -> None:
-        """End ``run``; after an MLflow failure (already warned about), as far as the store allows."""
+        """End ``run`` with ``status``.
+
+        After an MLflow failure (already warned about) this goes as far as the store allows,
+        and a run that would have finished ends ``FAILED``: not all of it was logged.
+        """
         if run not in self._open:
             return
         self._open.remove(run)
         if self.error is None:
             self._guard(f"ending run {run}", lambda: self._client.set_terminated(run, status))
             return
-        with contextlib.suppress(Exception):  # a run not wholly logged did not finish
+        with contextlib.suppress(Exception):
             self._client.set_terminated(run, "FAILED" if status == "FINISHED" else status)
 
     def print_commands(self, out: TextIO) -> None:
