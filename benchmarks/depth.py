@@ -918,10 +918,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         "- GFLOP/step: forward plus backward FLOPs of one training step, counted by "
         "`torch.utils.flop_counter.FlopCounterMode` through `safefreeze.measure.measure_step`. They "
-        "depend only on the model, the batch shape, the device type and what is trainable. On CPU the "
-        "counter has no formula for the fused attention kernel (`scaled_dot_product_attention`), so "
-        "attention's score and value products are left out there (small at 32 tokens); the "
-        "projections, MLPs and LoRA matrices, nearly all of the work, are counted.",
+        "depend only on the model, the batch shape, the device type and what is trainable. "
+        "Attention's score and value products are counted on every device: torch's counter has no "
+        "formula for the fused CPU attention kernel (`scaled_dot_product_attention` without dropout), "
+        "so `measure_step` gives it torch's formula for the CUDA kernels.",
         "- Saved MiB: bytes of the distinct tensors autograd keeps for backward (activations, LoRA "
         "dropout masks), parameters and buffers excluded; deterministic too.",
         "- Optimizer KiB: AdamW state after one step (`optimizer_state_bytes`): two float32 moments "
@@ -1305,22 +1305,31 @@ def _attached_section(results: dict[str, Any], other: dict[str, Any]) -> list[st
     if extra:
         lines += [
             "",
-            f"The FLOP counts here exceed the CPU counts above by {extra}: on CUDA the fused attention "
-            "kernels have FLOP formulas and attention's score and value products are counted; on CPU "
-            "they are not.",
+            f"The FLOP counts here exceed the {results['meta']['device'].upper()} counts above by {extra}.",
+        ]
+    elif extra is not None:
+        lines += [
+            "",
+            f"The FLOP counts here match the {results['meta']['device'].upper()} counts above to 0.1%: "
+            "both count attention's score and value products.",
         ]
     return lines
 
 
 def _attention_share(results: dict[str, Any], other: dict[str, Any]) -> str | None:
-    """How much more LoRA's step counts on ``other``'s device than on ours, as a percent range."""
+    """How much more LoRA's step counts on ``other``'s device than on ours, as a percent range.
+
+    None when the devices are the same or no depth is in both; "" when the counts agree to 0.1%.
+    """
     if results["meta"]["device"] == other["meta"]["device"]:
         return None
     ours = {row["layers"]: row["lora"]["flops"] for row in results["depth"]}
     more = [row["lora"]["flops"] / ours[row["layers"]] - 1 for row in other["depth"] if row["layers"] in ours]
-    if not more or max(more) <= 0:
+    if not more:
         return None
     low, high = min(more), max(more)
+    if f"{low:.1%}" == f"{high:.1%}" == "0.0%":
+        return ""  # equal counts
     return f"{low:.1%}" if f"{low:.1%}" == f"{high:.1%}" else f"{low:.1%} to {high:.1%}"
 
 

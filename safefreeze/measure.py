@@ -11,7 +11,34 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+_aten = torch.ops.aten
+
+
+def _cpu_attention_flops(
+    query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *_: object, **__: object
+) -> int:
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]
+
+
+def _cpu_attention_backward_flops(
+    grad_out_shape: torch.Size,
+    query_shape: torch.Size,
+    key_shape: torch.Size,
+    value_shape: torch.Size,
+    *_: object,
+    **__: object,
+) -> int:
+    return int(sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]
+
+
+# torch counts the CUDA attention kernels and the math path, which CPU attention with dropout
+# takes, but not the CPU flash kernel that attention without dropout runs: count it alike.
+_ATTENTION = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +63,9 @@ def measure_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tuple
 
     Saved tensors are counted once per storage, and the model's own parameters and
     buffers are left out: they live whether or not autograd keeps them, so only the
-    activation memory that freezing can remove is counted.
+    activation memory that freezing can remove is counted. Attention counts alike on every
+    device and path: the fused CPU kernel, which torch's counter skips, gets the formula of
+    the CUDA kernels (a backward that recomputes the attention scores counts that work).
 
     Args:
         model: The model, whose parameters and buffers are excluded from the byte count.
@@ -60,10 +89,10 @@ def measure_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tuple
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    forward_counter = FlopCounterMode(display=False)
+    forward_counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION)
     with forward_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = forward()
-    backward_counter = FlopCounterMode(display=False)
+    backward_counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION)
     with backward_counter:
         torch.autograd.backward(loss)
     costs = StepCosts(

@@ -84,3 +84,21 @@ def test_freezing_the_upper_layers_saves_much_less() -> None:
     assert saved0 - saved_high < 0.25 * (saved0 - saved_low)
     assert flops0 - flops_high < 0.25 * (flops0 - flops_low)
     assert state0 - state1 == frozen_state  # optimizer state is saved either way
+
+
+def test_cpu_attention_counts_the_same_flops_with_and_without_dropout() -> None:
+    # Without dropout CPU attention runs the flash kernel, which torch's counter skips; with
+    # dropout it runs the math path's two batched matmuls, which it counts.
+    import torch.nn.functional as F
+
+    query = torch.randn(2, 4, 16, 8)
+    counted = {}
+    for dropout in (0.0, 0.1):
+        q = query.clone().requires_grad_()
+        _, counted[dropout] = measure_step(
+            nn.Identity(), lambda q=q, p=dropout: F.scaled_dot_product_attention(q, q, q, dropout_p=p).sum()
+        )
+    matmuls = 2 * (2 * 2 * 4 * 16 * 16 * 8)  # Q K^T and P V: 2 * b * h * s * s * d each
+    assert counted[0.0].forward_flops == counted[0.1].forward_flops == matmuls
+    # The flash backward recomputes Q K^T: five matmuls, against the math path's four.
+    assert (counted[0.0].backward_flops, counted[0.1].backward_flops) == (5 * matmuls // 2, 2 * matmuls)
