@@ -34,7 +34,7 @@ TOGETHER = (
     "and its run among the others ended identically (freezes, counted costs, accuracy)."
 )
 # Rotten Tomatoes rows, in table order; lora_budget is the LoRA run cut at SAFE's FLOPs.
-ROWS = ("lora", "lora_budget", "safe", "oracle", "score-prefix", "position", "paper")
+ROWS = ("lora", "lora_budget", "safe", "oracle", "score-prefix", "position", "eval-frozen", "paper")
 # Per-step saved bytes drawn for seed 0.
 PLOTTED = ("lora", "safe", "paper", "score-prefix", "position")
 # What each variant is, for the page.
@@ -51,6 +51,9 @@ DEFINITIONS = {
     "stops below the lowest block scoring at or above the threshold",
     "position": 'SAFE with `order="depth"`, in runs whose `safe` rows used `order="prefix"`: as many '
     "blocks as the threshold allows, lowest first; the scores set how many, never which",
+    "eval-frozen": "the default with `eval_frozen=True`: the frozen blocks run in evaluation mode, their "
+    "dropout off, so they compute a fixed function and skip the dropout masks and the slower attention "
+    "kernel that dropout needs; the blocks above them lose that dropout's regularization",
     "paper": "`SAFEConfig.paper(...)` with the same warm-up and ramp: per-adapter units, scores over "
     "the top score (`tau_target` = {paper_tau}), every adapter below the threshold freezes, no merge",
 }
@@ -727,6 +730,8 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
         "score-prefix": 'Letting the scores pick the frozen prefix (`order="prefix"`)',
         "position": "Position-only freezing (as many blocks, lowest first, no scores)",
     }
+    if "eval-frozen" in s:
+        lines += ["", _eval_frozen_text(s)]
     for variant, label in others.items():
         if variant in s:
             lines += [
@@ -738,6 +743,28 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
                 f"{statistics.fmean(s['safe']['accuracy']):.3f}.",
             ]
     return lines
+
+
+def _eval_frozen_text(s: dict[str, dict[str, list[float]]]) -> str:
+    """What holding the frozen blocks in evaluation mode bought and cost, against the default."""
+    eval_acc, eval_half = _versus_lora(s, "eval-frozen", "accuracy")
+    eval_f1, _ = _versus_lora(s, "eval-frozen", "macro_f1")
+    safe_acc, _ = _versus_lora(s, "safe", "accuracy")
+    safe_f1, _ = _versus_lora(s, "safe", "macro_f1")
+    ci = (
+        ""
+        if eval_half is None
+        else f" [{100 * (eval_acc - eval_half):+.1f}, {100 * (eval_acc + eval_half):+.1f}]"
+    )
+    return (
+        "Holding the frozen blocks in evaluation mode (`eval_frozen=True`, off by default) takes the wall "
+        f"time to {ratio(s, 'eval-frozen', 'wall_time'):.3f}x LoRA, against the default's "
+        f"{ratio(s, 'safe', 'wall_time'):.3f}x, at FLOPs {ratio(s, 'eval-frozen', 'flops'):.3f}x and saved "
+        f"bytes {ratio(s, 'eval-frozen', 'saved_bytes'):.3f}x (dropout is not counted as FLOPs, and a frozen "
+        "lower prefix saves nothing for backward either way); accuracy - LoRA "
+        f"{100 * eval_acc:+.1f} points{ci} and macro-F1 {100 * eval_f1:+.1f}, against the default's "
+        f"{100 * safe_acc:+.1f} and {100 * safe_f1:+.1f}."
+    )
 
 
 def time_phases(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[str]:

@@ -9,6 +9,8 @@ Variants, each over the same seeds, data order, dropout and hyperparameters:
 - ``score-prefix``: the default with ``order="prefix"``: the scores pick the frozen lower
   prefix, which stops at the lowest block scoring at or above the threshold.
 - ``oracle``: SAFE's recorded plan replayed: its final set at its steps, with no scoring.
+- ``eval-frozen``: the default with ``eval_frozen=True``: the frozen blocks run in evaluation
+  mode (dropout off).
 - Ablation (``--ablation``): the default with one lever switched to the paper's setting.
 
 Run ``python benchmarks/rotten.py`` (or ``nox -s bench``); ``--device cpu`` writes
@@ -60,7 +62,7 @@ TASK = ROTTEN_TOMATOES
 # --smoke: 4 steps of 8 snippets of 16 tokens, 32 test snippets.
 SMOKE = {"limit": 32, "batch_size": 8, "max_length": 16}
 # The main variants, in the order a seed runs them (SAFE first: LoRA's budget is its FLOPs).
-MAIN = ("safe", "lora", "paper", "score-prefix", "oracle")
+MAIN = ("safe", "lora", "paper", "score-prefix", "oracle", "eval-frozen")
 # Ablation: name -> the one field of the default switched to the paper's setting.
 ABLATION: dict[str, dict[str, Any]] = {
     "adapter-units": {"units": "adapter"},
@@ -93,6 +95,7 @@ def configs(total_steps: int) -> dict[str, SAFEConfig]:
         "safe": safe,
         "paper": SAFEConfig.paper(**steps),
         "score-prefix": dataclasses.replace(safe, order="prefix"),
+        "eval-frozen": dataclasses.replace(safe, eval_frozen=True),
     }
     out.update({name: dataclasses.replace(safe, **lever) for name, lever in ABLATION.items()})
     return out

@@ -60,6 +60,8 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     task = dataclasses.replace(tasks()[job["task"]], device=job["device"])
+    if job.get("lr_schedule"):
+        task = dataclasses.replace(task, schedule=job["lr_schedule"])
     if job.get("limit"):
         task = dataclasses.replace(task, limit=job["limit"], max_length=16)
     train_split, test_split = task.load()
@@ -73,6 +75,7 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
             freeze_end_step=max(1, round(warmup * total), round(end * total)),
             tau_target=job["tau"],
             **({"order": job["order"]} if job.get("order") else {}),
+            eval_frozen=bool(job.get("eval_frozen")),
         )
     budget = None if job["budget"] is None else int(job["budget"] * job["lora_flops"])
     started = time.perf_counter()
@@ -83,6 +86,7 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
     return {
         **{k: job[k] for k in ("task", "seed", "variant", "tau", "budget", "schedule")},
         "order": None if config is None else config.order,
+        "eval_frozen": None if config is None else config.eval_frozen,
         "steps": total,
         "accuracy": result.accuracy,
         "macro_f1": result.macro_f1,
@@ -128,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "threads": args.threads,
                 "limit": args.limit,
                 "order": args.order,
+                "eval_frozen": args.eval_frozen,
+                "lr_schedule": args.lr_schedule,
             }
             base["lora_flops"] = full
             jobs += [
@@ -169,6 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         },
+        "lr_schedule": args.lr_schedule,
         "runs": results,
     }
 
@@ -233,6 +240,11 @@ def _orders(data: dict[str, Any], task: str) -> list[str]:
     return list(dict.fromkeys(r.get("order") or "prefix" for r in safe))
 
 
+def _eval_frozen(data: dict[str, Any], task: str) -> bool:
+    """Whether a task's SAFE runs held their frozen blocks in evaluation mode."""
+    return any(r.get("eval_frozen") for r in data["runs"] if r["task"] == task and r["variant"] != "lora")
+
+
 def _tasks(data: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(r["task"] for r in data["runs"]))
 
@@ -254,6 +266,12 @@ TASK_NAMES = {
 }
 
 
+def _task_name(task: str, lr_schedule: str | None) -> str:
+    """The task's heading; a run with ``--lr-schedule constant`` kept its learning rate."""
+    name = TASK_NAMES.get(task, task)
+    return name.replace("decaying linearly", "constant") if lr_schedule == "constant" else name
+
+
 INTRO = """# Trading savings for accuracy: `tau_target` and the warm-up
 
 With rank normalization (the default), `tau_target` is the share of freeze units (transformer
@@ -264,9 +282,10 @@ freeze when the scores say a low block matters. Each SAFE row is the default con
 the order its section names and the `tau_target` and schedule shown (warm-up end / ramp end
 as shares of the run), 3 seeds, next to plain LoRA and to the same LoRA runs evaluated when
 their FLOPs reached a share of a full run's (training less). The sections whose SAFE rows
-ran the default order come first. The recorded runs went in parallel processes
-(`--workers`), so no times are reported; FLOPs and bytes saved for backward are counted, so
-they do not depend on the machine.
+ran the default order come first; sections marked `eval_frozen=True` held the frozen
+blocks in evaluation mode (`SAFEConfig.eval_frozen`: their dropout off). The recorded runs
+went in parallel processes (`--workers`), so no times are reported; FLOPs and bytes saved
+for backward are counted, so they do not depend on the machine.
 
 Rebuild this page from the saved results with
 `python benchmarks/tradeoff.py --from-json benchmarks/results/tradeoff_*.json --docs docs/tradeoff.md`.
@@ -276,20 +295,29 @@ Rebuild this page from the saved results with
 def render(datasets: list[dict[str, Any]]) -> str:
     """The Markdown page: per results file its command and machine, then a table per task.
 
-    Results files whose SAFE runs all used the library's default order come first.
+    Results files whose SAFE runs all used the library's default order come first, those
+    with ``eval_frozen`` after the others of their order.
     """
     from safefreeze import SAFEConfig
 
     default = SAFEConfig().order
     lines = [INTRO]
-    for data in sorted(datasets, key=lambda d: any(o != default for t in _tasks(d) for o in _orders(d, t))):
+
+    def rank(data: dict[str, Any]) -> tuple[bool, bool]:
+        tasks = _tasks(data)
+        return any(o != default for t in tasks for o in _orders(data, t)), any(
+            _eval_frozen(data, t) for t in tasks
+        )
+
+    for data in sorted(datasets, key=rank):
         machine = data["machine"]
         name = machine.get("device_name")
         rows = summarize(data)
         for task in _tasks(data):
             lines += [
-                f"## {TASK_NAMES.get(task, task)}, device {machine['device']}, "
-                + ", ".join(f"`order={o!r}`" for o in _orders(data, task)),
+                f"## {_task_name(task, data.get('lr_schedule'))}, device {machine['device']}, "
+                + ", ".join(f"`order={o!r}`" for o in _orders(data, task))
+                + (", `eval_frozen=True`" if _eval_frozen(data, task) else ""),
                 "",
                 "```bash",
                 data["command"],
@@ -377,6 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=("depth", "prefix", "score"),
         default=None,
         help="SAFEConfig.order of the SAFE runs (default: the library's)",
+    )
+    parser.add_argument(
+        "--eval-frozen", action="store_true", help="SAFEConfig.eval_frozen=True in the SAFE runs"
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "linear"),
+        default=None,
+        help="the learning rate over each run (default: each task's, linear decay)",
     )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

@@ -65,6 +65,11 @@ class SAFEConfig:
     # Merge a frozen PEFT LoRA adapter into its float32/float64 base weight (PEFT's own
     # merge), removing its forward cost and the dropout mask it saves for backward.
     merge: bool = True
+    # Run frozen units in evaluation mode (dropout off): a frozen unit is then a fixed function
+    # of its input, and its dropout masks, and the slower attention kernels that dropout needs,
+    # cost nothing; but the layers above lose the regularization of that dropout. Held at every
+    # training forward of the model until the engine is closed.
+    eval_frozen: bool = False
 
     def __post_init__(self) -> None:
         for field in ("warmup_steps", "freeze_end_step", "score_every", "seed"):
@@ -98,8 +103,9 @@ class SAFEConfig:
             )
         if self.units not in _UNITS:
             raise ValueError(f"SAFEConfig.units must be one of {_UNITS}, got units={self.units!r}")
-        if not isinstance(self.merge, bool):
-            raise TypeError(f"SAFEConfig.merge must be a bool, got merge={self.merge!r}")
+        for flag in ("merge", "eval_frozen"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"SAFEConfig.{flag} must be a bool, got {flag}={getattr(self, flag)!r}")
         if self.order not in _ORDERS:
             raise ValueError(f"SAFEConfig.order must be one of {_ORDERS}, got order={self.order!r}")
         tau = self.tau_target
@@ -189,13 +195,13 @@ class SAFEConfig:
         """The paper's rule: per-adapter units scored against the top score, frozen by score.
 
         Every adapter below ``tau_target`` times the highest score freezes, wherever it is in
-        the model, and nothing is merged (arXiv 2412.03587). Other fields keep their defaults
-        unless given in ``changes``.
+        the model, nothing is merged and frozen adapters keep their dropout (arXiv 2412.03587).
+        Other fields keep their defaults unless given in ``changes``.
 
         Example:
             >>> cfg = SAFEConfig.paper(warmup_steps=10, freeze_end_step=40)
-            >>> cfg.order, cfg.normalization, cfg.units, cfg.merge, cfg.tau_target
-            ('score', 'max', 'adapter', False, 0.6)
+            >>> cfg.order, cfg.normalization, cfg.units, cfg.merge, cfg.eval_frozen, cfg.tau_target
+            ('score', 'max', 'adapter', False, False, 0.6)
         """
         fields = {
             "order": "score",

@@ -418,6 +418,7 @@ class FreezeController:
         )
         self.plan.events.append(event)
         self._merge_frozen_sites(adapters)
+        self._hold_frozen_eval()
         self._watch_prefix()
         for callback in list(self._callbacks):
             callback(event)
@@ -446,6 +447,26 @@ class FreezeController:
             return None
         return [n for n in names if n is not None]
 
+    def _unit_modules(self, unit: str) -> list[str]:
+        """Names of the modules that make up ``unit``: its block, or else its adapters' sites."""
+        sites = list(dict.fromkeys(p.site for p in self.pairs if p.name in set(self.units[unit])))
+        block = unit.split(":", 1)[0]
+        try:
+            self.model.get_submodule(block)
+        except AttributeError:
+            return sites
+        inside = all(site == block or site.startswith(block + ".") for site in sites)
+        return [block] if inside else sites
+
+    def _hold_frozen_eval(self) -> None:
+        """Put the frozen units in evaluation mode, now and at each training forward (``eval_frozen``)."""
+        if not self.config.eval_frozen:
+            return
+        frozen = self.plan.unit_freeze_steps
+        names = tuple(dict.fromkeys(m for u in self.units if u in frozen for m in self._unit_modules(u)))
+        if names:
+            self._hooks.hold_eval(self.model, names)
+
     def _freeze_params(self, params: list[nn.Parameter]) -> int:
         freezer = self._freezer()
         return (freezer or _detach_only)(params)
@@ -467,7 +488,9 @@ class FreezeController:
             engine = ref()
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             recomputed = in_backward()
-            if engine is not None and not (module.training and (torch.is_grad_enabled() or recomputed)):
+            # The model's mode, not the site's: eval_frozen holds a frozen site in evaluation mode.
+            training = module.training if engine is None else engine.model.training
+            if engine is not None and not (training and (torch.is_grad_enabled() or recomputed)):
                 return  # an evaluation or no_grad forward says nothing about training
             hooks.remove_prefix()
             if engine is None or x is None or not x.requires_grad:
@@ -610,6 +633,7 @@ class FreezeController:
                 else:
                     self._merged[site] = _merge.merge(module, names)
             if self.plan.events:
+                self._hold_frozen_eval()
                 self._watch_prefix()
 
         return PendingLoad(params, commit)
@@ -669,6 +693,33 @@ class _Hooks:
     def __init__(self) -> None:
         self.recorder: ScoreRecorder | None = None
         self.prefix: RemovableHandle | None = None
+        self.eval: RemovableHandle | None = None
+
+    def hold_eval(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        """Keep ``model``'s submodules ``names`` in evaluation mode whenever ``model`` trains.
+
+        ``model.train()`` (which training loops call every epoch or step) puts them back in
+        training mode; a pre-hook on ``model`` undoes that before each forward. The hook looks
+        the modules up by name, so a deep copy of the model holds its own modules.
+        """
+        self.remove_eval()
+
+        @run_eagerly
+        def hold(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if module.training:
+                for name in names:
+                    held = module.get_submodule(name)
+                    if held.training:
+                        held.train(False)
+
+        for name in names:
+            model.get_submodule(name).train(False)
+        self.eval = model.register_forward_pre_hook(hold)
+
+    def remove_eval(self) -> None:
+        if self.eval is not None:
+            self.eval.remove()
+            self.eval = None
 
     def remove_recorder(self) -> None:
         if self.recorder is not None:
@@ -683,6 +734,7 @@ class _Hooks:
     def remove(self) -> None:
         self.remove_recorder()
         self.remove_prefix()
+        self.remove_eval()
 
 
 def _check_unowned(sites: Sequence[nn.Module]) -> None:

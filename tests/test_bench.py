@@ -199,6 +199,7 @@ def test_configs_switch_one_lever_each() -> None:
     steps = {"warmup_steps": safe.warmup_steps, "freeze_end_step": safe.freeze_end_step}
     assert cfgs["paper"] == SAFEConfig.paper(**steps)
     assert safe.order == "depth" and dataclasses.replace(safe, order="prefix") == cfgs["score-prefix"]
+    assert not safe.eval_frozen and dataclasses.replace(safe, eval_frozen=True) == cfgs["eval-frozen"]
     for name, lever in rotten.ABLATION.items():
         changed = {
             f.name
@@ -229,7 +230,7 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
         prefix_timed=1,
         save=lambda d: saved.append(len(d["runs"])),
     )
-    assert saved == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # after every run, then once complete
+    assert saved == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10]  # after every run, then once complete
     data = json.loads(json.dumps(data))  # what the JSON file holds
     runs = {r["variant"]: r for r in data["runs"]}
     assert list(runs) == list(rotten.VARIANTS)
@@ -258,10 +259,21 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
     assert frozen == units[: len(frozen)] and len(frozen) == round(0.67 * len(units))
     assert by_score == units[: len(by_score)] and len(by_score) <= len(frozen)
     assert [r["frozen"] for r in data["prefix_costs"]] == list(range(len(units) + 1))
+    # Evaluation mode for the frozen blocks changes the freezes not at all, and the counted
+    # FLOPs only once a block is frozen: its attention runs without dropout.
+    held = runs["eval-frozen"]
+    assert [(e["step"], e["units"]) for e in held["plan"]["events"]] == [
+        (e["step"], e["units"]) for e in safe["plan"]["events"]
+    ]
+    first = safe["plan"]["events"][0]["step"]
+    assert held["step_flops"][:first] == safe["step_flops"][:first]
+    assert all(a <= b for a, b in zip(held["step_flops"], safe["step_flops"], strict=True))
+    assert held["plan"]["config"]["eval_frozen"] is True
     assert data["complete"] and data["sizes"]["total_steps"] == 4
     assert data["together"] is True  # on CPU the variants take turns step by step
     page = report.render({"cpu": data}, tmp_path).read_text()
     assert "trained step by step in turn in one process" in page
+    assert "Holding the frozen blocks in evaluation mode (`eval_frozen=True`, off by default)" in page
     for title in (
         "## Rotten Tomatoes on CPU",
         "### Targets (CPU)",
@@ -413,6 +425,16 @@ def test_tradeoff_page_puts_the_default_order_first_and_names_each_order() -> No
     assert (
         "| SAFE tau_target 0.67, schedule 0.1 / 0.3 | 4.0 | 0.7450 | -0.50 | 0.6950 | 0.750 | 0.500 |" in page
     )
+    # Runs with the frozen blocks in evaluation mode, at a constant learning rate, follow the
+    # default of their order and say both in their heading.
+    held = _tradeoff_data("depth")
+    held["lr_schedule"] = "constant"
+    for run in held["runs"]:
+        run["eval_frozen"] = None if run["variant"] == "lora" else True
+    page = tradeoff.render([held, earlier, _tradeoff_data("depth")])
+    heading = "learning rate 1e-3 constant), device cpu, `order='depth'`, `eval_frozen=True`"
+    assert page.index("decaying linearly), device cpu, `order='depth'`\n") < page.index(heading)
+    assert page.index(heading) < page.index("device cuda, `order='prefix'`")
     assert "| LoRA stopped at 75% FLOPs |  | 0.7400 |  | 0.6900 | 0.750 | 1.000 |" in page
 
 
@@ -421,13 +443,16 @@ def test_tradeoff_smoke_run_records_the_order_and_schedule(tmp_path: Path) -> No
     pytest.importorskip("peft")
     results, docs = tmp_path / "tradeoff.json", tmp_path / "tradeoff.md"
     args = ["--tasks", "rotten_tomatoes", "--taus", "0.67", "--schedules", "0.25/0.5", "--seeds", "0"]
-    args += ["--budgets", "0.5", "--order", "depth", "--threads", "1", "--limit", "128"]
+    args += ["--budgets", "0.5", "--order", "depth", "--threads", "1", "--limit", "128", "--eval-frozen"]
+    args += ["--lr-schedule", "constant"]
     assert tradeoff.main([*args, "--results", str(results), "--docs", str(docs)]) == 0
-    runs = {r["variant"]: r for r in json.loads(results.read_text())["runs"]}
+    data = json.loads(results.read_text())
+    runs = {r["variant"]: r for r in data["runs"]}
     lora, safe = runs["lora"], runs["safe_tau0.67_w0.25_f0.5"]
     assert safe["order"] == "depth" and safe["schedule"] == [0.25, 0.5] and safe["steps"] == 4
+    assert safe["eval_frozen"] is True and lora["eval_frozen"] is None and data["lr_schedule"] == "constant"
     # The default rule froze the lowest round(0.67 * 6) blocks, and freezing cost less than LoRA.
     assert sum(n for _, n in safe["frozen"]) == 4
     assert safe["flops"] < lora["flops"] and safe["saved_bytes"] < lora["saved_bytes"]
     assert lora["budget_step"] == 2  # the first step whose cumulative FLOPs reach half a run's
-    assert "device cpu, `order='depth'`" in docs.read_text()
+    assert "constant), device cpu, `order='depth'`, `eval_frozen=True`" in docs.read_text()

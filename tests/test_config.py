@@ -82,6 +82,7 @@ def test_config_is_frozen() -> None:
         ),
         ({"max_tokens": True}, ValueError, r"max_tokens >= 4"),
         ({"merge": 1}, TypeError, r"merge must be a bool, got merge=1"),
+        ({"eval_frozen": "yes"}, TypeError, r"eval_frozen must be a bool, got eval_frozen='yes'"),
     ],
 )
 def test_bad_values_fail_in_the_config_with_a_clear_message(kwargs: dict, error: type, match: str) -> None:

@@ -151,11 +151,14 @@ def test_group_by_freezes_a_block_as_one_unit() -> None:
     assert len(opt.frozen_adapters) == 4
 
 
-def test_frozen_prefix_with_grad_requiring_input_warns_once() -> None:
+@pytest.mark.parametrize("eval_frozen", [False, True])
+def test_frozen_prefix_with_grad_requiring_input_warns_once(eval_frozen: bool) -> None:
+    # With eval_frozen the frozen site runs in evaluation mode: the check still reads the
+    # model's mode and warns on its training forwards.
     model = peft_bert(("query", "value"), layers=2)
     model.enable_input_require_grads()
     model.train()
-    config = SAFEConfig.paper(warmup_steps=1, freeze_end_step=1, tau_target=1.0)
+    config = SAFEConfig.paper(warmup_steps=1, freeze_end_step=1, tau_target=1.0, eval_frozen=eval_frozen)
     opt = SAFEOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, config)
     # Freeze the lowest adapter by setting the final scores through the engine's public step.
     opt.controller.finalize_scores(

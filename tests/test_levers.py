@@ -316,8 +316,8 @@ def test_low_precision_and_quantized_bases_are_never_merged() -> None:
 # ---- checkpoints with merged sites ------------------------------------------------------------
 
 
-def _resume_pair(stop: int, total: int) -> tuple[dict[str, Any], SAFEOptimizer]:
-    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5)
+def _resume_pair(stop: int, total: int, eval_frozen: bool = False) -> tuple[dict[str, Any], SAFEOptimizer]:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5, eval_frozen=eval_frozen)
     raw = {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}
     optimizer = _record(config, raw, stop)
     model = optimizer.controller.model
@@ -328,9 +328,11 @@ def _resume_pair(stop: int, total: int) -> tuple[dict[str, Any], SAFEOptimizer]:
     return ckpt, optimizer
 
 
-@pytest.mark.parametrize("model_first", [True, False])
-def test_resuming_after_a_merge_continues_bit_identically(model_first: bool) -> None:
-    ckpt, full = _resume_pair(4, 7)
+@pytest.mark.parametrize(("model_first", "eval_frozen"), [(True, False), (False, False), (True, True)])
+def test_resuming_after_a_merge_continues_bit_identically(model_first: bool, eval_frozen: bool) -> None:
+    # With eval_frozen the resumed engine must hold the frozen blocks in evaluation mode
+    # again: a block left training would draw dropout masks and move the random stream.
+    ckpt, full = _resume_pair(4, 7, eval_frozen)
     assert ckpt["optimizer"]["safe"]["merged"]
     torch.manual_seed(0)
     model = peft_bert(layers=4)
@@ -394,7 +396,7 @@ def test_a_damaged_merged_record_is_refused() -> None:
 def test_version_2_plans_migrate_to_per_adapter_units_without_merging() -> None:
     raw = json.loads((PLANS / "v2.json").read_text(encoding="utf-8"))
     new = migrate(raw, source="plan")
-    assert new["version"] == SCHEMA_VERSION == 4
+    assert new["version"] == SCHEMA_VERSION == 5
     assert new["config"]["units"] == "adapter" and new["config"]["merge"] is False
     assert "units" not in raw["config"]
     plan = FreezePlan.from_dict(raw)
@@ -465,3 +467,156 @@ def test_a_rule_the_scores_do_not_steer_scores_eight_warmup_steps_and_trains_bit
     # A rule that reads the scores scores every warm-up step.
     prefix, _, prefix_batches = _scored_run(SAFEConfig(**steps, order="prefix"), 17)
     assert prefix_batches[:16] == [1.0] * 16 and prefix.plan.config.score_interval == 1
+
+
+# ---- frozen units in evaluation mode ----------------------------------------------------------
+
+
+def _dropout_modes(model: nn.Module) -> dict[str, bool]:
+    """Each dropout module's training flag as its latest forward saw it, by module name."""
+    seen: dict[str, bool] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout):
+            module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, m.training))
+    return seen
+
+
+def _block_modes(seen: dict[str, bool], layer: int) -> set[bool]:
+    return {mode for name, mode in seen.items() if name.startswith(f"{LAYER}.{layer}.")}
+
+
+def test_frozen_blocks_run_in_evaluation_mode_whatever_model_train_says() -> None:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, eval_frozen=True)
+    optimizer = _record(config, {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}, 3)
+    assert optimizer.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1"]
+    model = optimizer.controller.model
+    seen = _dropout_modes(model)
+    # The blocks see the same input under any seed (the embeddings' dropout is below them).
+    model.get_submodule("base_model.model.bert.embeddings.dropout").p = 0.0
+    outputs: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+    for layer, kept in outputs.items():
+        model.get_submodule(f"{LAYER}.{layer}").register_forward_hook(
+            lambda m, args, out, kept=kept: kept.append(out[0].detach().clone())
+        )
+    for seed in (1, 2):
+        model.train()  # as training loops do every epoch or step
+        torch.manual_seed(seed)
+        model(**_batch(4))
+        assert [_block_modes(seen, i) for i in range(4)] == [{False}, {False}, {True}, {True}]
+        assert seen["base_model.model.bert.embeddings.dropout"] is True
+        assert not model.get_submodule(f"{LAYER}.1").training and model.training
+        assert optimizer.controller._hooks.prefix is None  # the prefix check ran on a training forward
+    # The frozen blocks compute a fixed function: two dropout seeds, the same output; the
+    # trainable block above them draws new dropout masks.
+    assert torch.equal(outputs[1][0], outputs[1][1])
+    assert not torch.equal(outputs[2][0], outputs[2][1])
+    model.eval()
+    model(**_batch(4))
+    assert set(seen.values()) == {False}
+    # Closed, the engine lets go: model.train() trains every block again.
+    optimizer.close()
+    model.train()
+    model(**_batch(4))
+    assert set(seen.values()) == {True}
+
+
+def test_frozen_units_keep_their_dropout_by_default_and_under_the_papers_rule() -> None:
+    assert SAFEConfig().eval_frozen is False and SAFEConfig.paper().eval_frozen is False
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5)
+    optimizer = _record(config, {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}, 3)
+    model = optimizer.controller.model
+    seen = _dropout_modes(model)
+    model(**_batch(4))
+    assert len(optimizer.controller.frozen_units) == 2 and set(seen.values()) == {True}
+
+
+def test_frozen_adapter_units_turn_off_their_own_dropout_only() -> None:
+    config = SAFEConfig(
+        warmup_steps=2,
+        freeze_end_step=2,
+        tau_target=0.25,
+        units="adapter",
+        merge=False,
+        order="depth",
+        eval_frozen=True,
+    )
+    names = [f"{LAYER}.{i}.attention.self.{p}" for i in range(4) for p in ("query", "value")]
+    optimizer = _record(config, {n: 0.1 * (i + 1) for i, n in enumerate(names)}, 3, dropout=0.1)
+    assert optimizer.controller.frozen_units == names[:2]
+    model = optimizer.controller.model
+    seen = _dropout_modes(model)
+    model(**_batch(4))
+    lora = {n: mode for n, mode in seen.items() if ".lora_dropout." in n}
+    assert lora == {f"{n}.lora_dropout.default": n not in names[:2] for n in names}
+    assert _block_modes({n: m for n, m in seen.items() if n not in lora}, 0) == {True}
+
+
+def test_a_deep_copy_holds_its_own_frozen_blocks_in_evaluation_mode() -> None:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, eval_frozen=True)
+    optimizer = _record(config, {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}, 3)
+    model = optimizer.controller.model  # the engine holds the hook while it lives
+    twin = copy.deepcopy(model)
+    model.train()
+    twin.train()
+    seen, twin_seen = _dropout_modes(model), _dropout_modes(twin)
+    twin(**_batch(4))
+    assert _block_modes(twin_seen, 0) == {False} and _block_modes(twin_seen, 2) == {True}
+    assert model.get_submodule(f"{LAYER}.0").training and not seen  # the original is untouched
+    model(**_batch(4))
+    assert _block_modes(seen, 0) == {False}
+    optimizer.close()
+
+
+def test_plans_before_version_5_replay_with_the_frozen_blocks_dropout_on() -> None:
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, eval_frozen=True)
+    recording = _record(config, {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}, 3)
+    expected = {n: p.detach().clone() for n, p in recording.controller.model.named_parameters()}
+    recorded = recording.plan.to_dict()
+    old = dict(
+        recorded, version=4, config={k: v for k, v in recorded["config"].items() if k != "eval_frozen"}
+    )
+    for document, dropout_on in ((recorded, False), (old, True)):
+        plan = FreezePlan.from_dict(document)
+        assert plan.config.eval_frozen is not dropout_on
+        torch.manual_seed(0)
+        model = peft_bert(layers=4)
+        model.train()
+        optimizer = _optimizer(model, plan=plan)
+        for step in range(3):
+            _step(model, optimizer, step)
+        if not dropout_on:  # the replay of the recorded plan ends bit for bit as the recording
+            for name, param in model.named_parameters():
+                assert torch.equal(param, expected[name]), name
+        seen = _dropout_modes(model)
+        model(**_batch(4))
+        assert optimizer.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1"]
+        assert _block_modes(seen, 0) == {dropout_on} and _block_modes(seen, 2) == {True}
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_a_compiled_model_runs_its_frozen_blocks_in_evaluation_mode_without_recompiling() -> None:
+    from torch._dynamo.utils import counters
+
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5, max_tokens=16, eval_frozen=True)
+    weights = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = peft_bert(layers=4)
+        run = torch.compile(model, backend="eager") if compiled else model
+        optimizer = _optimizer(model, config)
+        graphs = []
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for step in range(12):
+                model.train()  # Hugging Face's Trainer calls it every step
+                run(**_batch(step)).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                graphs.append(counters["stats"]["unique_graphs"])
+        assert len(optimizer.controller.frozen_units) == 2
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    # Blocks 0 and 1 freeze by step 4; from the next step on, no new graph is ever compiled.
+    assert graphs[4] > 0 and graphs[5:] == [graphs[5]] * 7
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)

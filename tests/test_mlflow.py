@@ -255,6 +255,7 @@ def test_logger_logs_exact_metrics_params_tags_and_artifacts(
         "safefreeze.order": "score",
         "safefreeze.units": "adapter",
         "safefreeze.merge": "False",
+        "safefreeze.eval_frozen": "False",
         "safefreeze.adapters": "8",
         "safefreeze.score_interval": "1",
     }

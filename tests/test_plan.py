@@ -170,7 +170,7 @@ def test_file_is_plain_versioned_json(recorded: Recorded, tmp_path: Path) -> Non
 
     data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
     assert data["schema"] == "safefreeze.plan"
-    assert data["version"] == SCHEMA_VERSION == 4
+    assert data["version"] == SCHEMA_VERSION == 5
     assert set(data) == {"schema", "version", "config", "model", "units", "scores", "events"}
     assert data["config"] == recorded.plan.config.to_dict()
     assert re.fullmatch(r"[0-9a-f]{64}", data["model"]["fingerprint"])
@@ -306,7 +306,7 @@ def test_newer_schema_version_asks_for_an_upgrade(doc: dict[str, Any], tmp_path:
     with pytest.raises(PlanError) as info:
         FreezePlan.load(path)
     assert str(info.value) == (
-        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 4; "
+        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 5; "
         "upgrade safefreeze to read it"
     )
 
@@ -676,22 +676,22 @@ DAMAGES: list[tuple[str, Any, str]] = [
     (
         "version-zero",
         lambda d: d.update(version=0),
-        "version: expected a plan schema version from 1 to 4, got 0",
+        "version: expected a plan schema version from 1 to 5, got 0",
     ),
     (
         "version-string",
         lambda d: d.update(version="2"),
-        "version: expected a plan schema version from 1 to 4, got '2'",
+        "version: expected a plan schema version from 1 to 5, got '2'",
     ),
     (
         "version-bool",
         lambda d: d.update(version=True),
-        "version: expected a plan schema version from 1 to 4, got true",
+        "version: expected a plan schema version from 1 to 5, got true",
     ),
     (
         "version-missing",
         lambda d: d.pop("version"),
-        "version: expected a plan schema version from 1 to 4, got no 'version' field",
+        "version: expected a plan schema version from 1 to 5, got no 'version' field",
     ),
 ]
 
@@ -903,21 +903,24 @@ def _file_doc(name: str) -> dict[str, Any]:
     ("name", "rule"),
     [
         # Versions 1 and 2 kept the rule they were recorded under: the paper's, per adapter, unmerged.
-        ("v1_without_order.json", ("score", "adapter", False, 1)),
-        ("v1.json", ("score", "adapter", False, 1)),
-        ("v2.json", ("score", "adapter", False, 1)),
-        ("v3.json", ("prefix", "block", True, 1)),
-        ("v4.json", ("depth", "block", True, 2)),
+        ("v1_without_order.json", ("score", "adapter", False, 1, False)),
+        ("v1.json", ("score", "adapter", False, 1, False)),
+        ("v2.json", ("score", "adapter", False, 1, False)),
+        ("v3.json", ("prefix", "block", True, 1, False)),
+        ("v4.json", ("depth", "block", True, 2, False)),
+        ("v5.json", ("depth", "block", True, 2, True)),
     ],
 )
 def test_checked_in_plans_of_every_version_load(name: str, rule: tuple[Any, ...]) -> None:
     raw = _file_doc(name)
     plan = FreezePlan.load(PLANS / name)
     config = plan.config
-    assert (config.order, config.units, config.merge, config.score_interval) == rule
+    assert (config.order, config.units, config.merge, config.score_interval, config.eval_frozen) == rule
     assert plan.migrated_from == (None if raw["version"] == SCHEMA_VERSION else raw["version"])
     # Same adapters, units, scores and events: only the version and the filled fields differ.
     filled = {"order": "score", "units": "adapter", "merge": False} if raw["version"] < 3 else {}
+    if raw["version"] < 5:
+        filled["eval_frozen"] = False  # frozen units kept their dropout before version 5
     expected = {**raw, "version": SCHEMA_VERSION, "config": {**raw["config"], **filled}}
     assert plan.to_dict() == expected
     assert plan.events and plan.scored_at is not None
@@ -957,7 +960,7 @@ def test_migrate_never_mutates_its_input_and_keeps_a_recorded_order() -> None:
     new = migrate(raw, source="plan")
     assert new["config"]["order"] == "score" and "order" not in raw["config"]
     assert "units" not in raw["config"] and "merge" not in raw["config"]
-    current = _file_doc("v4.json")
+    current = _file_doc("v5.json")
     again = migrate(current, source="plan")
     assert again == current and again is not current
 
@@ -974,11 +977,11 @@ def test_v1_plans_with_empty_units_get_identity_units_unless_grouped() -> None:
     with pytest.raises(PlanError) as info:
         FreezePlan.from_dict(grouped, source="plan file 'old.json'")
     assert str(info.value) == (
-        "plan file 'old.json' cannot be migrated from plan schema version 1 to 4: units: its units "
+        "plan file 'old.json' cannot be migrated from plan schema version 1 to 5: units: its units "
         "are not recorded and config.group_by is 'blocks\\\\.(\\\\d+)\\\\..*', so they are not one per "
         "adapter; re-record the plan"
     )
-    for name in ("v2.json", "v3.json", "v4.json"):
+    for name in ("v2.json", "v3.json", "v4.json", "v5.json"):
         stored = _file_doc(name)
         stored["units"] = {}
         with pytest.raises(
@@ -993,9 +996,9 @@ def test_migrate_refuses_what_is_not_a_plan() -> None:
     ):
         migrate([], source="ckpt")
     with pytest.raises(
-        PlanError, match=r"^ckpt has plan schema version 5; this safefreeze reads versions up to 4"
+        PlanError, match=r"^ckpt has plan schema version 6; this safefreeze reads versions up to 5"
     ):
-        migrate({"schema": "safefreeze.plan", "version": 5}, source="ckpt")
+        migrate({"schema": "safefreeze.plan", "version": 6}, source="ckpt")
 
 
 def test_check_frozen_matches_events(recorded: Recorded) -> None:
