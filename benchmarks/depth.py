@@ -1302,34 +1302,26 @@ def _attached_section(results: dict[str, Any], other: dict[str, Any]) -> list[st
             f"| {_ratio(safe['peak_bytes'] or 0, lora['peak_bytes'] or 0)} |"
         )
     extra = _attention_share(results, other)
-    if extra:
-        lines += [
-            "",
-            f"The FLOP counts here exceed the {results['meta']['device'].upper()} counts above by {extra}.",
-        ]
+    ours = results["meta"]["device"].upper()
+    if extra == "0.0%":
+        lines += ["", f"The FLOP counts here match the {ours} counts above to 0.1%."]
     elif extra is not None:
-        lines += [
-            "",
-            f"The FLOP counts here match the {results['meta']['device'].upper()} counts above to 0.1%: "
-            "both count attention's score and value products.",
-        ]
+        lines += ["", f"The FLOP counts here exceed the {ours} counts above by {extra}."]
     return lines
 
 
 def _attention_share(results: dict[str, Any], other: dict[str, Any]) -> str | None:
     """How much more LoRA's step counts on ``other``'s device than on ours, as a percent range.
 
-    None when the devices are the same or no depth is in both; "" when the counts agree to 0.1%.
+    None when the devices are the same, no depth is in both, or ours count no less.
     """
     if results["meta"]["device"] == other["meta"]["device"]:
         return None
     ours = {row["layers"]: row["lora"]["flops"] for row in results["depth"]}
     more = [row["lora"]["flops"] / ours[row["layers"]] - 1 for row in other["depth"] if row["layers"] in ours]
-    if not more:
+    if not more or max(more) <= 0:
         return None
     low, high = min(more), max(more)
-    if f"{low:.1%}" == f"{high:.1%}" == "0.0%":
-        return ""  # equal counts
     return f"{low:.1%}" if f"{low:.1%}" == f"{high:.1%}" else f"{low:.1%} to {high:.1%}"
 
 

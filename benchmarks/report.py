@@ -747,23 +747,17 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
 
 def _eval_frozen_text(s: dict[str, dict[str, list[float]]]) -> str:
     """What holding the frozen blocks in evaluation mode bought and cost, against the default."""
-    eval_acc, eval_half = _versus_lora(s, "eval-frozen", "accuracy")
     eval_f1, _ = _versus_lora(s, "eval-frozen", "macro_f1")
     safe_acc, _ = _versus_lora(s, "safe", "accuracy")
     safe_f1, _ = _versus_lora(s, "safe", "macro_f1")
-    ci = (
-        ""
-        if eval_half is None
-        else f" [{100 * (eval_acc - eval_half):+.1f}, {100 * (eval_acc + eval_half):+.1f}]"
-    )
     return (
         "Holding the frozen blocks in evaluation mode (`eval_frozen=True`, off by default) takes the wall "
         f"time to {ratio(s, 'eval-frozen', 'wall_time'):.3f}x LoRA, against the default's "
         f"{ratio(s, 'safe', 'wall_time'):.3f}x, at FLOPs {ratio(s, 'eval-frozen', 'flops'):.3f}x and saved "
         f"bytes {ratio(s, 'eval-frozen', 'saved_bytes'):.3f}x (dropout is not counted as FLOPs, and a frozen "
-        "lower prefix saves nothing for backward either way); accuracy - LoRA "
-        f"{100 * eval_acc:+.1f} points{ci} and macro-F1 {100 * eval_f1:+.1f}, against the default's "
-        f"{100 * safe_acc:+.1f} and {100 * safe_f1:+.1f}."
+        f"lower prefix saves nothing for backward either way); accuracy - LoRA "
+        f"{_diff(s, 'eval-frozen', 'accuracy')} points and macro-F1 {100 * eval_f1:+.1f}, against the "
+        f"default's {100 * safe_acc:+.1f} and {100 * safe_f1:+.1f}."
     )
 
 

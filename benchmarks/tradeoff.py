@@ -234,15 +234,18 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _safe_runs(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    return [r for r in data["runs"] if r["task"] == task and r["variant"] != "lora"]
+
+
 def _orders(data: dict[str, Any], task: str) -> list[str]:
     """The orders of a task's SAFE runs; runs recorded before the field existed used "prefix"."""
-    safe = [r for r in data["runs"] if r["task"] == task and r["variant"] != "lora"]
-    return list(dict.fromkeys(r.get("order") or "prefix" for r in safe))
+    return list(dict.fromkeys(r.get("order") or "prefix" for r in _safe_runs(data, task)))
 
 
 def _eval_frozen(data: dict[str, Any], task: str) -> bool:
     """Whether a task's SAFE runs held their frozen blocks in evaluation mode."""
-    return any(r.get("eval_frozen") for r in data["runs"] if r["task"] == task and r["variant"] != "lora")
+    return any(r.get("eval_frozen") for r in _safe_runs(data, task))
 
 
 def _tasks(data: dict[str, Any]) -> list[str]:

@@ -449,7 +449,8 @@ class FreezeController:
 
     def _unit_modules(self, unit: str) -> list[str]:
         """Names of the modules that make up ``unit``: its block, or else its adapters' sites."""
-        sites = list(dict.fromkeys(p.site for p in self.pairs if p.name in set(self.units[unit])))
+        members = set(self.units[unit])
+        sites = list(dict.fromkeys(p.site for p in self.pairs if p.name in members))
         block = unit.split(":", 1)[0]
         try:
             self.model.get_submodule(block)
@@ -489,8 +490,7 @@ class FreezeController:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             recomputed = in_backward()
             # The model's mode, not the site's: eval_frozen holds a frozen site in evaluation mode.
-            training = module.training if engine is None else engine.model.training
-            if engine is not None and not (training and (torch.is_grad_enabled() or recomputed)):
+            if engine is not None and not (engine.model.training and (torch.is_grad_enabled() or recomputed)):
                 return  # an evaluation or no_grad forward says nothing about training
             hooks.remove_prefix()
             if engine is None or x is None or not x.requires_grad:
