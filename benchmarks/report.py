@@ -697,8 +697,9 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
             f"freezes them later) for the remaining {total - warmup} steps: FLOPs "
             f"{floor_flops:.3f}x LoRA and time-averaged bytes saved for backward {floor_saved:.3f}x LoRA. "
             f"SAFE measured {ratio(s, 'safe', 'flops'):.3f}x and {ratio(s, 'safe', 'saved_bytes'):.3f}x. "
-            "A shorter warm-up lowers the floor; what it costs in accuracy at the default rule is "
-            "measured on [the trade-off page](tradeoff.md).",
+            "A shorter warm-up lowers the floor; what it costs in accuracy at the default rule, and "
+            "what freezing the blocks together at the end of the warm-up costs, are measured on "
+            "[the trade-off page](tradeoff.md).",
         ]
         if floor_flops > FLOPS_BAR:
             lines.append(
