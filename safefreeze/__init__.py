@@ -7,6 +7,7 @@ Importing this package loads torch and numpy only; integrations live in
 from safefreeze.config import SAFEConfig
 from safefreeze.controller import FreezeCallback, FreezeController
 from safefreeze.discovery import AdapterDiscoveryError, AdapterPair, AdapterPattern, find_adapter_pairs
+from safefreeze.estimate import SavingsEstimate, estimate_savings
 from safefreeze.optimizer import SAFEOptimizer
 from safefreeze.plan import AdapterRecord, FreezeEvent, FreezePlan, PlanError, PlanMismatchError
 from safefreeze.schedule import cubic_threshold
@@ -26,7 +27,9 @@ __all__ = [
     "PlanMismatchError",
     "SAFEConfig",
     "SAFEOptimizer",
+    "SavingsEstimate",
     "__version__",
     "cubic_threshold",
+    "estimate_savings",
     "find_adapter_pairs",
 ]

@@ -20,6 +20,16 @@ def tiny_bert_config(layers: int = 2, hidden: int = 32, labels: int = 3):  # typ
     )
 
 
+def bert_batch(seed: int, batch: int = 4, tokens: int = 10) -> dict[str, torch.Tensor]:
+    """A random batch for :func:`peft_bert`: token ids, a full attention mask, 3-class labels."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 100, (batch, tokens), generator=gen),
+        "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        "labels": torch.randint(0, 3, (batch,), generator=gen),
+    }
+
+
 def peft_bert(
     target_modules: tuple[str, ...] = ("query", "value"), layers: int = 2, seed: int = 0, **lora_kwargs
 ) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import peft_bert
+from models import bert_batch, peft_bert
 from torch import nn
 
 from safefreeze import FreezePlan, PlanError, SAFEConfig, SAFEOptimizer
@@ -26,12 +26,7 @@ LAYER = "base_model.model.bert.encoder.layer"
 
 
 def _batch(seed: int = 0, batch: int = 4, tokens: int = 10) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(0, 100, (batch, tokens), generator=gen),
-        "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-        "labels": torch.randint(0, 3, (batch,), generator=gen),
-    }
+    return bert_batch(seed, batch, tokens)
 
 
 def _optimizer(model: nn.Module, config: SAFEConfig | None = None, **kwargs: Any) -> SAFEOptimizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from models import peft_bert
+from models import bert_batch, peft_bert
 from torch import nn
 
 from safefreeze import FreezeEvent, FreezePlan, SAFEConfig, SAFEOptimizer
@@ -15,12 +15,7 @@ LAYERS = 4
 
 
 def _batch(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(0, 100, (8, 32), generator=g),
-        "attention_mask": torch.ones(8, 32, dtype=torch.long),
-        "labels": torch.randint(0, 3, (8,), generator=g),
-    }
+    return bert_batch(seed, batch=8, tokens=32)
 
 
 def _step_costs(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> tuple[int, int]:
