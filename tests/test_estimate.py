@@ -129,3 +129,29 @@ def test_bad_models_and_losses_are_refused_with_the_reason() -> None:
     with SAFEOptimizer(inner, model, config), pytest.raises(RuntimeError, match="before SAFE wraps it"):
         estimate_savings(model, _loss, config, 6)
     estimate_savings(model, _loss, config, 6)  # once the engine is closed
+
+
+def test_on_the_benchmark_the_estimate_is_what_the_recorded_oracle_counted() -> None:
+    import json
+    from pathlib import Path
+
+    from safefreeze.demo.task import ROTTEN_TOMATOES as task
+    from safefreeze.demo.task import build_model, encode
+
+    recorded = json.loads((Path(__file__).parents[1] / "benchmarks/results/rotten_cpu.json").read_text())
+    runs = {(r["variant"], r["seed"]): r for r in recorded["runs"]}
+    lora, oracle = runs["lora", 0], runs["oracle", 0]
+    train_split, _ = task.load()
+    data = encode(train_split, task)
+    batch = {k: v[: task.batch_size].clone() for k, v in data.items()}
+    steps = task.steps(data["labels"].shape[0])
+    assert steps == len(oracle["step_flops"])
+    estimate = estimate_savings(
+        build_model(task, 0), lambda m: m(**batch).loss, SAFEConfig.for_run(steps), steps
+    )
+    events = runs["safe", 0]["plan"]["events"]
+    assert estimate.freeze_steps == {unit: e["step"] for e in events for unit in e["units"]}
+    assert estimate.flops == pytest.approx(sum(oracle["step_flops"]) / sum(lora["step_flops"]), abs=1e-12)
+    assert estimate.saved_bytes == pytest.approx(
+        sum(oracle["step_saved_bytes"]) / sum(lora["step_saved_bytes"]), abs=1e-12
+    )
