@@ -737,17 +737,25 @@ class _Hooks:
         self.remove_eval()
 
 
-def _check_unowned(sites: Sequence[nn.Module]) -> None:
+def live_owner(sites: Sequence[nn.Module]) -> FreezeController | None:
+    """The live engine that drives any of ``sites``, or None."""
     for site in sites:
         ref = _OWNERS.get(site)
         owner = None if ref is None else ref()
         if owner is not None and not owner.closed:
-            raise RuntimeError(
-                f"the adapters of this model are already driven by a live SAFE engine ({len(owner.pairs)} "
-                "adapters); two would each step parameters the other froze. Call close() on the "
-                "first SAFEOptimizer (or use `with SAFEOptimizer(...) as optimizer:`) before wrapping "
-                "another optimizer around the same model"
-            )
+            return owner
+    return None
+
+
+def _check_unowned(sites: Sequence[nn.Module]) -> None:
+    owner = live_owner(sites)
+    if owner is not None:
+        raise RuntimeError(
+            f"the adapters of this model are already driven by a live SAFE engine ({len(owner.pairs)} "
+            "adapters); two would each step parameters the other froze. Call close() on the "
+            "first SAFEOptimizer (or use `with SAFEOptimizer(...) as optimizer:`) before wrapping "
+            "another optimizer around the same model"
+        )
 
 
 def _hold(freezer: Freezer | None) -> Callable[[], Freezer | None]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from safefreeze.config import SAFEConfig
-from safefreeze.controller import _OWNERS, FreezeController
+from safefreeze.controller import FreezeController, live_owner
 from safefreeze.discovery import (
     AdapterDiscoveryError,
     AdapterPair,
@@ -170,15 +170,13 @@ def estimate_savings(
 
 def _check_not_driven(model: nn.Module, pairs: Sequence[AdapterPair]) -> None:
     """Refuse a model whose adapters a live SAFE engine drives: its freezes and hooks would be copied."""
-    for pair in pairs:
-        ref = _OWNERS.get(model.get_submodule(pair.site))
-        engine = None if ref is None else ref()
-        if engine is not None and not engine.closed:
-            raise RuntimeError(
-                "estimate_savings takes the model before SAFE wraps it, but a live SAFE engine already "
-                f"drives its adapters (step {engine.step}, {len(engine.frozen_units)} unit(s) frozen); "
-                "estimate before building the SAFEOptimizer, or on a model no engine drives"
-            )
+    engine = live_owner([model.get_submodule(pair.site) for pair in pairs])
+    if engine is not None:
+        raise RuntimeError(
+            "estimate_savings takes the model before SAFE wraps it, but a live SAFE engine already "
+            f"drives its adapters (step {engine.step}, {len(engine.frozen_units)} unit(s) frozen); "
+            "estimate before building the SAFEOptimizer, or on a model no engine drives"
+        )
 
 
 def _prefix_costs(
@@ -207,10 +205,10 @@ def _prefix_costs(
         for _ in range(config.warmup_steps):
             engine.on_step_end()
     else:  # which adapters the loss runs: one that never runs gets no score and never freezes
-        for pair in find_adapter_pairs(trial, pattern):
-            if pair.trainable:
-                site = trial.get_submodule(pair.site)
-                handles.append(site.register_forward_hook(lambda *_, name=pair.name: ran.add(name)))
+        trainable = [p for p in find_adapter_pairs(trial, pattern) if p.trainable]
+        for pair in trainable:
+            site = trial.get_submodule(pair.site)
+            handles.append(site.register_forward_hook(lambda *_, name=pair.name: ran.add(name)))
     try:  # with the engine live, as in the run: eval_frozen holds its frozen blocks in evaluation mode
         _, costs = measure_step(trial, functools.partial(_checked_loss, loss_fn, trial))
     finally:
@@ -219,7 +217,7 @@ def _prefix_costs(
         if engine is not None:
             engine.close()
     if not k:
-        idle = [p.name for p in find_adapter_pairs(trial, pattern) if p.trainable and p.name not in ran]
+        idle = [p.name for p in trainable if p.name not in ran]
         if idle:
             raise ValueError(
                 f"loss_fn's forward does not run {len(idle)} adapter(s), e.g. {idle[:3]}: the warm-up "

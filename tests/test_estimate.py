@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from models import bert_batch, peft_bert
 
 from safefreeze import SAFEConfig, SAFEOptimizer, estimate_savings
+from safefreeze.demo.task import ROTTEN_TOMATOES as task
+from safefreeze.demo.task import build_model, encode
 from safefreeze.measure import measure_step
 
 TOTAL = 10
@@ -132,12 +136,6 @@ def test_bad_models_and_losses_are_refused_with_the_reason() -> None:
 
 
 def test_on_the_benchmark_the_estimate_is_what_the_recorded_oracle_counted() -> None:
-    import json
-    from pathlib import Path
-
-    from safefreeze.demo.task import ROTTEN_TOMATOES as task
-    from safefreeze.demo.task import build_model, encode
-
     recorded = json.loads((Path(__file__).parents[1] / "benchmarks/results/rotten_cpu.json").read_text())
     runs = {(r["variant"], r["seed"]): r for r in recorded["runs"]}
     lora, oracle = runs["lora", 0], runs["oracle", 0]
