@@ -7,6 +7,7 @@ Shared by ``safefreeze demo`` and ``benchmarks/``. The model comes from the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import platform
@@ -99,14 +100,15 @@ class RunResult:
     budget_macro_f1: float | None = None
     # Per step wall time in seconds (synchronized on CUDA).
     step_times_s: list[float] = dataclasses.field(default_factory=list)
-    # CUDA only: peak memory allocated by the training steps from ``peak_from_step`` on (SAFE:
-    # the end of the warm-up); the highest of ``step_peak_memory`` from that step.
+    # CUDA only: peak memory the run itself allocated in its training steps from ``peak_from_step``
+    # on (SAFE: the end of the warm-up); the highest of ``step_peak_memory`` from that step.
     peak_memory_after_warmup: int | None = None
     # Per optimizer step: FLOPs of the forward pass alone (a part of ``step_flops``).
     step_forward_flops: list[int] = dataclasses.field(default_factory=list)
     # Per optimizer step: whether it ran under the cost counters (slower; its time includes them).
     step_counted: list[bool] = dataclasses.field(default_factory=list)
-    # CUDA only, per optimizer step: peak memory allocated during the step (the step's own peak).
+    # CUDA only, per optimizer step: the step's own peak of memory allocated, less what was
+    # allocated before the run built its model (other runs' leftovers in the same process).
     step_peak_memory: list[int] = dataclasses.field(default_factory=list)
 
     @property
@@ -259,6 +261,24 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, fl
     return accuracy, sum(f1s) / len(f1s)
 
 
+def _allocated_memory(device: torch.device) -> int:
+    """CUDA memory the process holds before a run allocates anything; 0 off CUDA.
+
+    A finished run's model is tied into reference cycles by its hooks, so it stays allocated
+    until the collector runs: garbage is collected first. The first matrix products of a
+    process, forward and backward, allocate cuBLAS workspaces that stay allocated for good: a
+    tiny linear layer's step allocates them here, so they never count as the first run's.
+    """
+    if device.type != "cuda":
+        return 0
+    gc.collect()
+    weight = torch.ones(8, 8, device=device, requires_grad=True)
+    nn.functional.linear(weight, weight, weight[0]).sum().backward()  # type: ignore[no-untyped-call]
+    del weight
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
 class Training:
     """One fine-tuning run that advances a step at a time, counting what each step costs.
 
@@ -303,6 +323,8 @@ class Training:
     ) -> None:
         self.variant, self.seed = variant, seed
         self.device = torch.device(task.device)
+        # What the process holds before this run allocates anything is not the run's memory.
+        self._memory_before = _allocated_memory(self.device)
         self.model = build_model(task, seed).to(self.device)
         self.model.train()
         train_data = {k: v.to(self.device) for k, v in train_data.items()}
@@ -370,7 +392,7 @@ class Training:
         self.times.append(time.perf_counter() - started)
         self._rng = _rng_state(device)
         if device.type == "cuda":
-            self.step_peaks.append(torch.cuda.max_memory_allocated(device))
+            self.step_peaks.append(torch.cuda.max_memory_allocated(device) - self._memory_before)
         self.flops.append(costs.flops)
         self.forward.append(costs.forward_flops)
         self.saved.append(costs.saved_bytes)
