@@ -456,3 +456,19 @@ def test_tradeoff_smoke_run_records_the_order_and_schedule(tmp_path: Path) -> No
     assert safe["flops"] < lora["flops"] and safe["saved_bytes"] < lora["saved_bytes"]
     assert lora["budget_step"] == 2  # the first step whose cumulative FLOPs reach half a run's
     assert "constant), device cpu, `order='depth'`, `eval_frozen=True`" in docs.read_text()
+
+
+def test_scoring_cost_smoke_run_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = _load(REPO / "benchmarks" / "scoring_cost.py")
+    monkeypatch.setattr(cost, "WARM", 1)
+    monkeypatch.setattr(cost, "PROFILED", 1)
+    monkeypatch.setattr(cost, "TIMED", 2)
+    results = tmp_path / "cost.json"
+    assert cost.main(["--device", "cpu", "--threads", "1", "--results", str(results)]) == 0
+    data = json.loads(results.read_text())
+    assert data["command"].endswith(f"--device cpu --threads 1 --results {results}")
+    assert data["machine"]["device"] == "cpu"
+    for name in ("plain", "scored"):
+        assert data[name]["median_step_ms"] > 0
+        assert data[name]["kernels_per_step"] is None  # kernels are counted on CUDA only
+        assert data[name]["gpu_busy_ms_per_step"] is None
