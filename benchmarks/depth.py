@@ -1301,28 +1301,27 @@ def _attached_section(results: dict[str, Any], other: dict[str, Any]) -> list[st
             f"| {_mb(lora['peak_bytes'] or 0)} | {_mb(safe['peak_bytes'] or 0)} "
             f"| {_ratio(safe['peak_bytes'] or 0, lora['peak_bytes'] or 0)} |"
         )
-    extra = _attention_share(results, other)
+    extra = _count_excess(results, other)
     ours = results["meta"]["device"].upper()
-    if extra == "0.0%":
+    if extra is not None and max(map(abs, extra)) < 0.0005:
         lines += ["", f"The FLOP counts here match the {ours} counts above to 0.1%."]
-    elif extra is not None:
-        lines += ["", f"The FLOP counts here exceed the {ours} counts above by {extra}."]
+    elif extra is not None and extra[1] > 0:
+        low, high = (f"{x:.1%}" for x in extra)
+        share = low if low == high else f"{low} to {high}"
+        lines += ["", f"The FLOP counts here exceed the {ours} counts above by {share}."]
     return lines
 
 
-def _attention_share(results: dict[str, Any], other: dict[str, Any]) -> str | None:
-    """How much more LoRA's step counts on ``other``'s device than on ours, as a percent range.
+def _count_excess(results: dict[str, Any], other: dict[str, Any]) -> tuple[float, float] | None:
+    """The lowest and highest share by which LoRA's step counts on ``other``'s device exceed ours.
 
-    None when the devices are the same, no depth is in both, or ours count no less.
+    None when the devices are the same or no depth is in both.
     """
     if results["meta"]["device"] == other["meta"]["device"]:
         return None
     ours = {row["layers"]: row["lora"]["flops"] for row in results["depth"]}
     more = [row["lora"]["flops"] / ours[row["layers"]] - 1 for row in other["depth"] if row["layers"] in ours]
-    if not more or max(more) <= 0:
-        return None
-    low, high = min(more), max(more)
-    return f"{low:.1%}" if f"{low:.1%}" == f"{high:.1%}" else f"{low:.1%} to {high:.1%}"
+    return (min(more), max(more)) if more else None
 
 
 # ---- main --------------------------------------------------------------------------------
