@@ -576,7 +576,9 @@ def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]
             "",
             "Peak memory is the highest `torch.cuda.max_memory_allocated` of the training steps from "
             f"the end of SAFE's warm-up (step {data['config']['warmup_steps']}) on, for LoRA as for SAFE: "
-            "model, optimizer state, gradients and activations together. Blocks freeze during the ramp "
+            "model, optimizer state, gradients and activations together, less what the process held "
+            "before the run built its model (earlier runs' garbage collected first, and the cuBLAS "
+            "workspaces that a process's first matrix products allocate). Blocks freeze during the ramp "
             "that follows, so that peak is set by its first, unfrozen steps; the peak after the ramp "
             f"(steps {data['config']['freeze_end_step']} on) is what a run pays once its blocks are "
             "frozen.",
@@ -846,8 +848,8 @@ def ablation_section(data: dict[str, Any]) -> list[str]:
         f"{data['configs'].get('paper', {}).get('tau_target', 'its own')}).",
         "",
         "| variant | lever | accuracy | macro-F1 | accuracy - LoRA, points [95% CI] | FLOPs x LoRA "
-        "| saved for backward x LoRA | wall time x LoRA | units frozen at the end |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| saved for backward x LoRA | wall time x LoRA | median step x LoRA | units frozen at the end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n in names:
         lever = data["ablation"].get(n)
@@ -860,7 +862,7 @@ def ablation_section(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {n} | {text} | {_pm(r['accuracy'])} | {_pm(r['macro_f1'])} | {_diff(s, n, 'accuracy')} "
             f"| {ratio(s, n, 'flops'):.3f} | {ratio(s, n, 'saved_bytes'):.3f} "
-            f"| {ratio(s, n, 'wall_time'):.3f} "
+            f"| {ratio(s, n, 'wall_time'):.3f} | {ratio(s, n, 'step_time'):.3f} "
             f"| {statistics.fmean(r['frozen']):.1f} of {statistics.fmean(r['units']):.0f} |"
         )
     return [*lines, ""]
