@@ -21,7 +21,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +28,28 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from safefreeze import SAFEConfig
-from safefreeze.demo.task import ROTTEN_TOMATOES, always_scoring, build_model, encode, machine
+from safefreeze.demo.task import ROTTEN_TOMATOES, always_scoring, build_model, encode, machine, timed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 WARM, PROFILED, TIMED = 5, 5, 20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(device: torch.device, scored: bool, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
     """Median step time and, on CUDA, kernels and GPU-busy time per step of one optimizer."""
     task = dataclasses.replace(ROTTEN_TOMATOES, device=str(device))
     model = build_model(task, 0).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
     if scored:
         optimizer: torch.optim.Optimizer = always_scoring(model, SAFEConfig.for_run(337), task.lr)
     else:
-        optimizer = torch.optim.AdamW(params, lr=task.lr)
-
-    def step() -> None:
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
     for _ in range(WARM):
-        step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(PROFILED):
-            step()
-        _sync(device)
-    on_gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    times = []
-    for _ in range(TIMED):
-        _sync(device)
-        started = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - started)
+        timed_step(model, batch, optimizer)
     cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(PROFILED):
+            timed_step(model, batch, optimizer)  # synchronized on CUDA: every kernel lands in the window
+    on_gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    times = [timed_step(model, batch, optimizer) for _ in range(TIMED)]
     busy_us = sum(e.self_device_time_total for e in on_gpu)
     return {
         "kernels_per_step": sum(e.count for e in on_gpu) / PROFILED if cuda else None,
