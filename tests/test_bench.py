@@ -472,3 +472,64 @@ def test_scoring_cost_smoke_run_writes_its_figures(tmp_path: Path, monkeypatch: 
         assert data[name]["median_step_ms"] > 0
         assert data[name]["kernels_per_step"] is None  # kernels are counted on CUDA only
         assert data[name]["gpu_busy_ms_per_step"] is None
+
+
+before_freeze = _load(REPO / "benchmarks" / "before_freeze.py")
+
+
+def test_learning_rate_factors_before_a_freeze() -> None:
+    anneal, boost = before_freeze.anneal, before_freeze.boost
+    # Annealing: full rate up to half the freeze step, then linearly down to the freeze.
+    assert [anneal(t, 88) for t in (0, 44, 66, 87)] == [1.0, 1.0, 0.5, 1 / 44]
+    assert anneal(88, 88) == anneal(100, 88) == 0.0
+    assert [boost(t, 10) for t in (0, 9, 10, 20)] == [2.0, 2.0, 1.0, 1.0]
+
+
+def test_shaped_learning_rate_matches_a_param_group_at_that_rate() -> None:
+    """Scaling a unit's update after an AdamW step trains it as AdamW at the scaled rate would."""
+    import torch
+    from torch import nn
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    shaped, grouped = model(), model()
+    opt = torch.optim.AdamW(shaped.parameters(), lr=0.1, weight_decay=0.1)
+    # Unit "0" (the first linear layer) at half the rate until its freeze after 2 steps.
+    before_freeze.shape_learning_rate(opt, shaped, {"0": 2}, lambda t, f: 0.5 if t < f else 1.0)
+    half = [{"params": grouped[0].parameters(), "lr": 0.05}, {"params": grouped[2].parameters()}]
+    ref = torch.optim.AdamW(half, lr=0.1, weight_decay=0.1)
+    for step in range(3):
+        for net, optimizer in ((shaped, opt), (grouped, ref)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+        if step == 1:
+            ref.param_groups[0]["lr"] = 0.1  # the freeze step: the factor is 1 from here on
+        for a, b in zip(shaped.parameters(), grouped.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(model()[0].weight, shaped[0].weight)
+
+
+@pytest.mark.slow
+def test_before_freeze_smoke_run_replays_the_default_freezes(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    results, docs = tmp_path / "before.json", tmp_path / "before.md"
+    args = ["--tasks", "rotten_tomatoes", "--seeds", "0", "--threads", "1", "--limit", "128"]
+    assert before_freeze.main([*args, "--results", str(results), "--docs", str(docs)]) == 0
+    data = json.loads(results.read_text())
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert set(runs) == set(before_freeze.VARIANTS) and all("plan" not in r for r in runs.values())
+    safe = runs["safe"]
+    assert sum(len(units) for _, units in safe["frozen"]) == 4  # round(0.67 * 6) lowest blocks
+    for variant in before_freeze.SHAPED:  # the replays froze the same blocks at the same steps
+        assert runs[variant]["frozen"] == safe["frozen"]
+        assert runs[variant]["saved_bytes"] == safe["saved_bytes"]
+    # No warm-up: the same four blocks froze after the first step.
+    (step, units), *rest = runs["no-warmup"]["frozen"]
+    assert step == 1 and not rest and units == [u for _, us in safe["frozen"] for u in us]
+    assert runs["no-warmup"]["flops"] < safe["flops"] < runs["lora"]["flops"]
+    text = docs.read_text()
+    assert data["command"] in text and "| anneal | " in text and "| no-warmup | " in text
