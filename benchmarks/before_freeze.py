@@ -273,10 +273,10 @@ def render(data: dict[str, Any]) -> str:
         "SAFE's default freezes the lower blocks during the ramp, while their learning rate is "
         "still high, and ends about a point of accuracy below LoRA on Rotten Tomatoes "
         "([benchmarks](benchmarks.md)). Would the frozen blocks do better if their training "
-        "before the freeze were shaped? Each variant below freezes the same blocks at the same "
-        "steps as the default on the same seed (it replays the default's plan), so it costs the "
-        "same FLOPs and stores the same activations; only the learning rate of the blocks that "
-        "freeze changes before their freeze:",
+        "before the freeze were shaped? `anneal` and `boost` freeze the same blocks at the same "
+        "steps as the default on the same seed (they replay the default's plan), so they cost the "
+        "same FLOPs and store the same activations; only the learning rate of the blocks that "
+        "freeze changes before their freeze. `no-warmup` gives those blocks no training at all:",
         "",
         "| variant | the blocks that freeze |",
         "| --- | --- |",
