@@ -51,7 +51,6 @@ SEEDS = (0, 1, 2)
 # Variants that replay the default's plan with the frozen blocks' learning rate reshaped.
 SHAPED = ("anneal", "boost")
 VARIANTS = ("lora", "safe", "no-warmup", *SHAPED)
-COMMAND = "python benchmarks/before_freeze.py --workers 2 --threads 1"
 PAGE = ROOT / "docs" / "before-freeze.md"
 RESULTS = ROOT / "benchmarks" / "results" / "before_freeze_cpu.json"
 
@@ -91,27 +90,26 @@ def shape_learning_rate(
 
     ``optimizer`` is the optimizer SAFE wraps: its step hooks run inside SAFE's step, before
     SAFE freezes (and merges) anything at that step. A unit is a module name; its parameters
-    are the trainable ones under it.
+    are the ones under it, scaled while they still train.
     """
     import torch
 
-    names = {id(p): n for n, p in model.named_parameters()}
+    # Each parameter under a unit with its unit's freeze step, found once.
+    members = [
+        (p, step)
+        for name, p in model.named_parameters()
+        for unit, step in freeze_steps.items()
+        if name.startswith(unit + ".")
+    ]
     done = [0]  # optimizer steps taken
     before: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
-    def unit_of(param: torch.Tensor) -> str | None:
-        name = names.get(id(param), "")
-        return next((u for u in freeze_steps if name.startswith(u + ".")), None)
-
     def pre(*_: Any) -> None:
         before.clear()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                unit = unit_of(p)
-                if unit is not None and p.requires_grad:
-                    scale = factor(done[0], freeze_steps[unit])
-                    if scale != 1.0:
-                        before.append((p, p.detach().clone(), scale))
+        for p, freeze_step in members:
+            scale = factor(done[0], freeze_step)
+            if p.requires_grad and scale != 1.0:
+                before.append((p, p.detach().clone(), scale))
 
     def post(*_: Any) -> None:
         with torch.no_grad():
@@ -243,7 +241,6 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                     / statistics.fmean(r["flops"] for r in lora),
                     "saved": statistics.fmean(r["saved_bytes"] for r in vs)
                     / statistics.fmean(r["saved_bytes"] for r in lora),
-                    "frozen": vs[0]["frozen"],
                 }
             )
     return rows
@@ -370,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(data, indent=1))
     for row in summarize(data):
-        print(json.dumps({k: v for k, v in row.items() if k != "frozen"}))
+        print(json.dumps(row))
     if not args.no_docs:
         args.docs.write_text(render(data), encoding="utf-8")
     return 0
