@@ -155,7 +155,7 @@ class FreezeController:
         self._hooks = _Hooks()
         if plan is None:
             device = next(iter(self._params.values()))[0].device
-            generator = torch.Generator(device=device).manual_seed(self.config.seed)
+            generator = torch.Generator().manual_seed(self.config.seed)  # rows are drawn on the host
             self._accumulator = CKAAccumulator(
                 len(pairs), max_rows=self.config.max_tokens, generator=generator, device=device
             )

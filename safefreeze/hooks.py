@@ -268,8 +268,11 @@ class ScoreRecorder:
         if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
             self._warn_padding(x, mask)
             return None, None
-        if self._unmasked is None or self._unmasked.device != mask.device:
-            self._unmasked = mask.reshape(-1).nonzero().squeeze(1)
+        if self._unmasked is None:
+            # Found where the rows are drawn (the host, by default): one copy of the mask per
+            # forward, and every draw of it indexes these without touching the device.
+            here = self.accumulator.generator.device
+            self._unmasked = mask.reshape(-1).to(here).nonzero().squeeze(1)
         return mask, self._unmasked
 
     def _warn_padding(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -384,3 +384,40 @@ def test_adapters_sharing_a_site_are_scored_on_their_own_contribution() -> None:
     alone = scores(["default"]) + scores(["big"])
     assert both[1] > 10 * both[0]  # the larger adapter changes its output more
     assert both == pytest.approx(alone, rel=1e-6)
+
+
+# ---- devices -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scoring_on_cuda_draws_the_rows_a_cpu_run_draws() -> None:
+    """Rows are drawn on the host from the config's seed, so a CUDA run subsamples the same
+    tokens as a CPU run and its scores differ only by the devices' rounding."""
+    subsampled = dataclasses.replace(SCORE_ONLY, max_tokens=8)  # fewer than the 42 real tokens
+
+    def run(device: str, seed: int = 0) -> tuple[list[float], torch.Tensor]:
+        model = peft_bert(layers=2, seed=0, init_lora_weights=False).to(device).train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # dropout masks differ between devices; the drawn rows must not
+        inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        opt = SAFEOptimizer(inner, model, dataclasses.replace(subsampled, seed=seed))
+
+        def loss_of(b: dict[str, torch.Tensor]) -> torch.Tensor:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            return F.cross_entropy(logits, b["labels"])
+
+        _train(model, opt, loss_of)
+        stats = _stats(opt).cpu()
+        opt.close()
+        return _raw(opt), stats
+
+    cpu_raw, cpu_stats = run("cpu")
+    cuda_raw, cuda_stats = run("cuda")
+    assert cuda_stats[:, STAT_ROWS_USED].tolist() == [24.0] * 4  # 8 rows of each of 3 batches
+    assert torch.equal(cuda_stats[:, STAT_ROWS_PADDING], cpu_stats[:, STAT_ROWS_PADDING])
+    assert cuda_raw == pytest.approx(cpu_raw, rel=1e-3, abs=1e-6)
+    # Other rows move the scores by far more than rounding: another seed draws other rows.
+    reseeded, _ = run("cuda", seed=1)
+    assert max(abs(a - b) / b for a, b in zip(reseeded, cpu_raw, strict=True)) > 1e-2

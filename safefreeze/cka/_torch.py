@@ -53,9 +53,13 @@ STAT_NAMES = (
 _TensorLike = torch.Tensor | np.ndarray[Any, Any]
 
 
-def _private_generator(device: torch.device | str) -> torch.Generator:
-    """A generator seeded with 0, so scoring is reproducible and the global RNG untouched."""
-    generator = torch.Generator(device=device)
+def _private_generator() -> torch.Generator:
+    """A host generator seeded with 0, so scoring is reproducible and the global RNG untouched.
+
+    Rows are drawn on the host whatever the outputs' device: a draw is one host operation
+    instead of several kernel launches, and the same seed draws the same rows on any device.
+    """
+    generator = torch.Generator()
     generator.manual_seed(0)
     return generator
 
@@ -75,6 +79,10 @@ class RowDraw:
     padding: int
     # Rows of the output drawn from (the product of its leading dimensions).
     total: int
+    # ``rows`` copied to each device read from: one copy serves every take of the draw.
+    _placed: dict[torch.device, torch.Tensor] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """The drawn rows of ``t`` (..., D) as a new (n, D) tensor that owns its memory.
@@ -85,7 +93,18 @@ class RowDraw:
         flat = t.detach().reshape(-1, t.shape[-1])  # (N, D), a view where possible
         if self.rows is None:
             return flat.clone()
-        return flat[self.rows.to(flat.device)]  # (n, D): advanced indexing copies
+        rows = self._placed.get(flat.device)
+        if rows is None:
+            rows = self._placed[flat.device] = _to_device(self.rows, flat.device)
+        return flat.index_select(0, rows)  # (n, D), a copy
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the host to a GPU through pinned memory, so the copy does not
+    wait for the GPU to finish its queued work (the pinned buffer is kept until it is read)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def draw_rows(
@@ -103,7 +122,8 @@ def draw_rows(
         max_rows: Draw at most this many of the unmasked rows; None keeps all.
         generator: Draws the subsample; the global RNG is never used.
         unmasked: ``mask.reshape(-1).nonzero().squeeze(1)``, when the caller has it: finding
-            the unmasked rows waits for the device, so hooks find them once per forward.
+            the unmasked rows waits for the device, so hooks find them once per forward, on
+            the host, where the draw from a host generator indexes them without a launch.
 
     Raises:
         ValueError: If the mask is not bool of shape ``shape[:-1]``.
@@ -112,13 +132,13 @@ def draw_rows(
     if mask is None:
         if max_rows is None or n <= max_rows:
             return RowDraw(None, 0, n)
-        rows = torch.arange(n, device=generator.device)
-        padding = 0
-    else:
-        m = torch.as_tensor(mask)
-        check_mask_shape(tuple(m.shape), shape, m.dtype == torch.bool)
-        rows = m.reshape(-1).nonzero().squeeze(1) if unmasked is None else unmasked  # (n_valid,)
-        padding = n - rows.shape[0]
+        # The first max_rows of a permutation of all rows: arange(n)[keep] is keep.
+        keep = torch.randperm(n, generator=generator, device=generator.device)[:max_rows]
+        return RowDraw(keep, 0, n)
+    m = torch.as_tensor(mask)
+    check_mask_shape(tuple(m.shape), shape, m.dtype == torch.bool)
+    rows = m.reshape(-1).nonzero().squeeze(1) if unmasked is None else unmasked  # (n_valid,)
+    padding = n - rows.shape[0]
     if max_rows is not None and rows.shape[0] > max_rows:
         keep = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:max_rows]
         rows = rows[keep.to(rows.device)]
@@ -246,39 +266,46 @@ def _hsic_unbiased(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | int | Non
     )
 
 
-def _cross_sq_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:func:`_cross_sq` of each minibatch of ``a`` (A, N, Da) and ``b`` (A, N, Db): (A,)."""
-    n = a.shape[1]
-    if n * n <= a.shape[2] * b.shape[2]:
-        ka = a @ a.mT  # (A, N, N)
-        kb = ka if b is a else b @ b.mT  # (A, N, N)
-        return (ka * kb).sum(dim=(1, 2))
-    return (a.mT @ b).square().sum(dim=(1, 2))  # (A, Da, Db)
+def _cross_sq_terms(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(3, A) :func:`_cross_sq` of each minibatch of (x, y), (x, x) and (y, y), for ``x``
+    (A, N, Dx) and ``y`` (A, N, Dy), each Gram matrix made once."""
+    n = x.shape[1]
+    grams: dict[int, torch.Tensor] = {}
+
+    def gram(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in grams:
+            grams[id(t)] = t @ t.mT  # (A, N, N)
+        return grams[id(t)]
+
+    def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if n * n <= a.shape[2] * b.shape[2]:
+            return gram(a) * gram(b)  # (A, N, N)
+        return (a.mT @ b).square()  # (A, Da, Db)
+
+    products = [cross(x, y), cross(x, x), cross(y, y)]
+    if all(p.shape == products[0].shape for p in products):
+        return torch.stack(products).sum(dim=(2, 3))  # one reduction for the three
+    return torch.stack([p.sum(dim=(1, 2)) for p in products])
 
 
 def _hsic_unbiased_batch(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """:func:`_hsic_unbiased` of each minibatch of ``x`` (A, N, Dx), ``y`` (A, N, Dy) with
-    ``n`` (A,) rows each: (A, 3) unbiased HSIC(K, L), HSIC(K, K), HSIC(L, L)."""
+    ``n`` (A,) rows each: (A, 3) unbiased HSIC(K, L), HSIC(K, K), HSIC(L, L).
+
+    The three estimates are computed side by side, one operation for all three where the
+    formula allows: on a GPU each small operation is a kernel launch.
+    """
     kd = x.square().sum(dim=2)  # (A, N) diagonals of K
     ld = y.square().sum(dim=2)  # (A, N)
     k1 = (x @ x.sum(dim=1)[..., None])[..., 0] - kd  # (A, N) row sums of K, diagonal zeroed
     l1 = (y @ y.sum(dim=1)[..., None])[..., 0] - ld  # (A, N)
-
-    def hsic(
-        cross: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor
-    ) -> torch.Tensor:
-        trace = cross - (ad * bd).sum(dim=1)  # (A,) tr(K~ L~)
-        sums = a1.sum(dim=1) * b1.sum(dim=1) / ((n - 1) * (n - 2))
-        return (trace + sums - 2.0 / (n - 2) * (a1 * b1).sum(dim=1)) / (n * (n - 3))
-
-    return torch.stack(
-        [
-            hsic(_cross_sq_batch(x, y), kd, ld, k1, l1),
-            hsic(_cross_sq_batch(x, x), kd, kd, k1, k1),
-            hsic(_cross_sq_batch(y, y), ld, ld, l1, l1),
-        ],
-        dim=1,
-    )
+    # Row j of each (A, 3, N) pairs the two kernels of estimate j: (K, L), (K, K), (L, L).
+    left_d, right_d = torch.stack([kd, kd, ld], dim=1), torch.stack([ld, kd, ld], dim=1)
+    left_1, right_1 = torch.stack([k1, k1, l1], dim=1), torch.stack([l1, k1, l1], dim=1)
+    n = n[:, None]  # (A, 1)
+    trace = _cross_sq_terms(x, y).T - (left_d * right_d).sum(dim=2)  # (A, 3) tr(K~ L~)
+    sums = left_1.sum(dim=2) * right_1.sum(dim=2) / ((n - 1) * (n - 2))
+    return (trace + sums - 2.0 / (n - 2) * (left_1 * right_1).sum(dim=2)) / (n * (n - 3))
 
 
 def _pow2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -314,8 +341,8 @@ def linear_cka_torch(
         debiased: Use the unbiased HSIC estimator (needs at least 4 rows).
         mask: Bool of shape ``x.shape[:-1]``, True for real tokens.
         max_rows: Subsample this many rows when more remain; None keeps all.
-        generator: Draws the subsample; by default a private generator seeded with 0,
-            so repeated calls pick the same rows. The global RNG is never used.
+        generator: Draws the subsample; by default a private host generator seeded with
+            0, so repeated calls pick the same rows. The global RNG is never used.
 
     Returns:
         The CKA value.
@@ -330,7 +357,7 @@ def linear_cka_torch(
         >>> round(linear_cka_torch(x, 2.0 * x), 6)
         1.0
     """
-    generator = generator or _private_generator(torch.as_tensor(x).device)
+    generator = generator or _private_generator()
     xf, yf, _ = _sample(x, y, mask, max_rows, generator)
     xf, yf, skipped = _finite_rows(xf, yf)
     warn_nonfinite(skipped, xf.shape[0] + skipped)
@@ -364,8 +391,9 @@ class CKAAccumulator:
         num_adapters: Number of adapters scored; ``update`` takes an index below it.
         max_rows: Rows per minibatch kept after masking (subsampled beyond that);
             None keeps all. At least 4.
-        generator: Draws the subsamples; by default a private generator on ``device``
-            seeded with 0. The global RNG is never used.
+        generator: Draws the subsamples; by default a private host generator seeded
+            with 0 (a host generator draws without launching kernels, whatever ``device``).
+            The global RNG is never used.
         device: Where ``stats`` lives.
         dtype: Precision of each minibatch's HSIC terms. float64 by default: early in
             warm-up ``1 - CKA`` is often below float32 resolution.
@@ -402,7 +430,7 @@ class CKAAccumulator:
             )
         self.max_rows = max_rows
         self.dtype = dtype
-        self.generator = generator if generator is not None else _private_generator(device)
+        self.generator = generator if generator is not None else _private_generator()
         self._stats = torch.zeros(num_adapters, NUM_STATS, dtype=torch.float64, device=device)
         # Minibatches added but not yet summed: (index, x (n, Dx), y (n, Dy)).
         # They are summed in batches of the same shapes, one batched computation for many
@@ -507,7 +535,6 @@ class CKAAccumulator:
         per adapter they cost more than the step they score.
         """
         stats = self._stats
-        add = torch.zeros(len(indices), NUM_STATS, dtype=torch.float64, device=stats.device)  # (A, S)
         # Rows with NaN/Inf are zeroed and weighted out rather than dropped, and every count
         # stays a tensor: nothing here waits for the device.
         x, y = x.to(stats.device, self.dtype), y.to(stats.device, self.dtype)
@@ -516,9 +543,9 @@ class CKAAccumulator:
         x = torch.where(finite[..., None], x, 0.0)
         y = torch.where(finite[..., None], y, 0.0)
         n = weight.sum(dim=(1, 2))  # (A,) finite rows
-        add[:, STAT_ROWS_NONFINITE] = x.shape[1] - n
+        zero = torch.zeros_like(n)
         if x.shape[1] < MIN_ROWS_UNBIASED:  # known without the device: too few rows drawn
-            add[:, STAT_ROWS_SHORT] = n
+            terms, enough = zero[:, None].expand(-1, 3), zero.bool()
         else:
             x, y = _coarse_scale(x, y)
             xc, x_constant = _center_rows(x, weight, n)
@@ -529,10 +556,15 @@ class CKAAccumulator:
             yc = yc.masked_fill(y_constant[:, None, None], 0.0)
             enough = n >= MIN_ROWS_UNBIASED  # (A,)
             terms = _hsic_unbiased_batch(xc, yc, n.clamp_min(MIN_ROWS_UNBIASED))  # (A, 3)
-            add[:, STAT_KL : STAT_LL + 1] = torch.where(enough[:, None], terms, 0.0).to(add)
-            add[:, STAT_BATCHES] = enough.to(add.dtype)
-            add[:, STAT_ROWS_USED] = torch.where(enough, n, 0.0).to(add.dtype)
-            add[:, STAT_ROWS_SHORT] = torch.where(enough, 0.0, n).to(add.dtype)
+        counts = [  # (A,) each: the columns after STAT_LL, in order
+            enough.to(n.dtype),  # STAT_BATCHES
+            torch.where(enough, n, 0.0),  # STAT_ROWS_USED
+            zero,  # STAT_ROWS_PADDING: kept on the host until stats are read
+            x.shape[1] - n,  # STAT_ROWS_NONFINITE
+            torch.where(enough, 0.0, n),  # STAT_ROWS_SHORT
+        ]
+        add = torch.cat([torch.where(enough[:, None], terms, 0.0), torch.stack(counts, dim=1)], dim=1)
+        add = add.to(torch.float64)  # (A, NUM_STATS)
         index = self._index_tensors.get(indices)
         if index is None:
             index = self._index_tensors[indices] = torch.tensor(indices, device=stats.device)
