@@ -10,6 +10,12 @@ the scoring's cost there is the number of kernels it adds. The two step times co
 one optimizer after the other; ``benchmarks/rotten.py`` measures the overhead itself with
 interleaved steps.
 
+For the scored optimizer it also reads the host time spent in SAFE's scoring per step: in
+its forward hooks (the row draws and copies, and the batched CKA computation that the last
+hook of a forward starts) and, of that, in the batched CKA computation alone. On CUDA a
+step whose GPU idles most of the time is bound by such host work: Python, operator dispatch
+and kernel launches.
+
 Run ``python benchmarks/scoring_cost.py --device cuda``; it prints the figures and writes
 them to ``benchmarks/results/scoring_cost_<device>.json`` (``--results``).
 """
@@ -17,10 +23,14 @@ them to ``benchmarks/results/scoring_cost_<device>.json`` (``--results``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import statistics
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +38,85 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from safefreeze import SAFEConfig
+from safefreeze.cka._torch import CKAAccumulator
 from safefreeze.demo.task import ROTTEN_TOMATOES, always_scoring, build_model, encode, machine, timed_step
+from safefreeze.hooks import ScoreRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
 WARM, PROFILED, TIMED = 5, 5, 20
+# The recorder's methods that run as hooks: forward hooks of the adapters' layers, and the
+# hooks that find the padding mask.
+HOOKS = (
+    "_on_base",
+    "_on_input",
+    "_on_site",
+    "_on_delta",
+    "_on_model_mask_fn",
+    "_on_carrier_enter",
+    "_on_carrier_leave",
+)
+
+
+class HostClock:
+    """Host seconds spent in SAFE's scoring hooks and, of that, in its batched CKA computation.
+
+    The recorder binds its hooks when the optimizer is built, so :meth:`installed` wraps the
+    methods before that; the wrapped methods count only while ``on`` is set.
+    """
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds = {"hooks": 0.0, "batched_cka": 0.0}
+
+    def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[HostClock]:
+        hooks = {name: getattr(ScoreRecorder, name) for name in HOOKS}
+        flush = CKAAccumulator.flush
+        try:
+            for name, fn in hooks.items():
+                setattr(ScoreRecorder, name, self._timed(fn, "hooks"))
+            CKAAccumulator.flush = self._timed(flush, "batched_cka")  # type: ignore[method-assign]
+            yield self
+        finally:
+            for name, fn in hooks.items():
+                setattr(ScoreRecorder, name, fn)
+            CKAAccumulator.flush = flush  # type: ignore[method-assign]
 
 
 def measure(device: torch.device, scored: bool, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
-    """Median step time and, on CUDA, kernels and GPU-busy time per step of one optimizer."""
+    """Median step time, host time in the scoring (scored only) and, on CUDA, kernels and
+    GPU-busy time per step of one optimizer."""
     task = dataclasses.replace(ROTTEN_TOMATOES, device=str(device))
     model = build_model(task, 0).to(device).train()
+    clock = HostClock()
     if scored:
-        optimizer: torch.optim.Optimizer = always_scoring(model, SAFEConfig.for_run(337), task.lr)
-    else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
+        with clock.installed():
+            optimizer: torch.optim.Optimizer = always_scoring(model, SAFEConfig.for_run(337), task.lr)
+            return _measure(device, model, batch, optimizer, clock)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
+    return _measure(device, model, batch, optimizer, None)
+
+
+def _measure(
+    device: torch.device,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    clock: HostClock | None,
+) -> dict[str, float | None]:
     for _ in range(WARM):
         timed_step(model, batch, optimizer)
     cuda = device.type == "cuda"
@@ -50,11 +125,22 @@ def measure(device: torch.device, scored: bool, batch: dict[str, torch.Tensor]) 
             timed_step(model, batch, optimizer)  # synchronized on CUDA: every kernel lands in the window
     on_gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     times = [timed_step(model, batch, optimizer) for _ in range(TIMED)]
+    if clock is not None:  # its own steps, so the clock's reads stay out of the step times
+        clock.on = True
+        for _ in range(TIMED):
+            timed_step(model, batch, optimizer)
+        clock.on = False
     busy_us = sum(e.self_device_time_total for e in on_gpu)
+
+    def host_ms(part: str) -> float | None:
+        return None if clock is None else 1000 * clock.seconds[part] / TIMED
+
     return {
         "kernels_per_step": sum(e.count for e in on_gpu) / PROFILED if cuda else None,
         "gpu_busy_ms_per_step": busy_us / PROFILED / 1000 if cuda else None,
         "median_step_ms": 1000 * statistics.median_high(times),
+        "scoring_host_ms_per_step": host_ms("hooks"),
+        "batched_cka_host_ms_per_step": host_ms("batched_cka"),
     }
 
 

@@ -472,6 +472,15 @@ def test_scoring_cost_smoke_run_writes_its_figures(tmp_path: Path, monkeypatch: 
         assert data[name]["median_step_ms"] > 0
         assert data[name]["kernels_per_step"] is None  # kernels are counted on CUDA only
         assert data[name]["gpu_busy_ms_per_step"] is None
+    assert data["plain"]["scoring_host_ms_per_step"] is None
+    scored = data["scored"]
+    # The batched CKA runs inside the hooks; both take time, and less than the whole step.
+    assert 0 < scored["batched_cka_host_ms_per_step"] < scored["scoring_host_ms_per_step"]
+    assert scored["scoring_host_ms_per_step"] < scored["median_step_ms"]
+    # The clock is taken off the recorder again.
+    hooks = cost.ScoreRecorder.__dict__
+    assert all(not hasattr(hooks[name], "__wrapped__") for name in cost.HOOKS)
+    assert not hasattr(cost.CKAAccumulator.__dict__["flush"], "__wrapped__")
 
 
 before_freeze = _load(REPO / "benchmarks" / "before_freeze.py")
