@@ -78,15 +78,26 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
             eval_frozen=bool(job.get("eval_frozen")),
         )
     budget = None if job["budget"] is None else int(job["budget"] * job["lora_flops"])
+    options: dict[str, Any] = {}
+    if config is not None and job.get("attention_dropout_off"):
+        options["setup"] = attention_dropout_off_when_frozen
     started = time.perf_counter()
     result = train(
-        job["variant"], task, train_data, test_data, seed=job["seed"], config=config, eval_at_flops=budget
+        job["variant"],
+        task,
+        train_data,
+        test_data,
+        seed=job["seed"],
+        config=config,
+        eval_at_flops=budget,
+        **options,
     )
     plan = result.plan
     return {
         **{k: job[k] for k in ("task", "seed", "variant", "tau", "budget", "schedule")},
         "order": None if config is None else config.order,
         "eval_frozen": None if config is None else config.eval_frozen,
+        "attention_dropout_off": None if config is None else bool(job.get("attention_dropout_off")),
         "steps": total,
         "accuracy": result.accuracy,
         "macro_f1": result.macro_f1,
@@ -99,6 +110,25 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
         "frozen": None if plan is None else [[e.step, len(e.units)] for e in plan.events],
         "seconds": time.perf_counter() - started,
     }
+
+
+def attention_dropout_off_when_frozen(safe: Any) -> None:
+    """From each block's freeze on, drop no attention probabilities in it; keep its other dropout.
+
+    A benchmark setting for BERT-style blocks (MiniLM): the self-attention module of a block
+    is ``<block>.attention.self`` and reads its attention dropout from ``.dropout.p``. Without
+    it the attention can take the fused kernel; the dropout on the block's hidden states,
+    the noise the blocks above train with, stays on.
+    """
+    model = safe.controller.model
+
+    def on_freeze(event: Any) -> None:
+        for unit in event.units:
+            for name, module in model.get_submodule(unit).named_modules():
+                if name.endswith("attention.self"):
+                    module.dropout.p = 0.0
+
+    safe.add_freeze_callback(on_freeze)
 
 
 def lora_flops(task_name: str, device: str, limit: int | None) -> int:
@@ -133,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "limit": args.limit,
                 "order": args.order,
                 "eval_frozen": args.eval_frozen,
+                "attention_dropout_off": args.attention_dropout_off,
                 "lr_schedule": args.lr_schedule,
             }
             base["lora_flops"] = full
@@ -248,6 +279,11 @@ def _eval_frozen(data: dict[str, Any], task: str) -> bool:
     return any(r.get("eval_frozen") for r in _safe_runs(data, task))
 
 
+def _attention_dropout_off(data: dict[str, Any], task: str) -> bool:
+    """Whether a task's SAFE runs turned off the attention dropout of their frozen blocks."""
+    return any(r.get("attention_dropout_off") for r in _safe_runs(data, task))
+
+
 def _tasks(data: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(r["task"] for r in data["runs"]))
 
@@ -286,7 +322,12 @@ the order its section names and the `tau_target` and schedule shown (warm-up end
 as shares of the run), 3 seeds, next to plain LoRA and to the same LoRA runs evaluated when
 their FLOPs reached a share of a full run's (training less). The sections whose SAFE rows
 ran the default order come first; sections marked `eval_frozen=True` held the frozen
-blocks in evaluation mode (`SAFEConfig.eval_frozen`: their dropout off). The recorded runs
+blocks in evaluation mode (`SAFEConfig.eval_frozen`: their dropout off), and those marked
+"frozen blocks' attention dropout off" (`--attention-dropout-off`) turned off only the
+dropout of the frozen blocks' attention probabilities, keeping the dropout on their hidden
+states; step times with the frozen blocks' dropout kept, attention dropout off and in
+evaluation mode are in `benchmarks/results/frozen_dropout_cpu.json`
+(`python benchmarks/frozen_dropout.py --threads 2`). The recorded runs
 went in parallel processes (`--workers`), so no times are reported; FLOPs and bytes saved
 for backward are counted, so they do not depend on the machine.
 
@@ -306,10 +347,12 @@ def render(datasets: list[dict[str, Any]]) -> str:
     default = SAFEConfig().order
     lines = [INTRO]
 
-    def rank(data: dict[str, Any]) -> tuple[bool, bool]:
+    def rank(data: dict[str, Any]) -> tuple[bool, bool, bool]:
         tasks = _tasks(data)
-        return any(o != default for t in tasks for o in _orders(data, t)), any(
-            _eval_frozen(data, t) for t in tasks
+        return (
+            any(o != default for t in tasks for o in _orders(data, t)),
+            any(_eval_frozen(data, t) for t in tasks),
+            any(_attention_dropout_off(data, t) for t in tasks),
         )
 
     for data in sorted(datasets, key=rank):
@@ -320,7 +363,8 @@ def render(datasets: list[dict[str, Any]]) -> str:
             lines += [
                 f"## {_task_name(task, data.get('lr_schedule'))}, device {machine['device']}, "
                 + ", ".join(f"`order={o!r}`" for o in _orders(data, task))
-                + (", `eval_frozen=True`" if _eval_frozen(data, task) else ""),
+                + (", `eval_frozen=True`" if _eval_frozen(data, task) else "")
+                + (", frozen blocks' attention dropout off" if _attention_dropout_off(data, task) else ""),
                 "",
                 "```bash",
                 data["command"],
@@ -411,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--eval-frozen", action="store_true", help="SAFEConfig.eval_frozen=True in the SAFE runs"
+    )
+    parser.add_argument(
+        "--attention-dropout-off",
+        action="store_true",
+        help="the SAFE runs drop no attention probabilities in a block once it froze (BERT naming)",
     )
     parser.add_argument(
         "--lr-schedule",

@@ -368,6 +368,50 @@ def _tradeoff_data(order: str | None, device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def test_attention_dropout_goes_off_in_blocks_as_they_freeze_and_only_there() -> None:
+    import torch
+    from models import bert_batch, peft_bert
+    from torch import nn
+
+    from safefreeze import SAFEOptimizer
+
+    model = peft_bert(layers=4, seed=0)
+    model.train()
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, order="depth")
+    safe = SAFEOptimizer(inner, model, config)
+    tradeoff.attention_dropout_off_when_frozen(safe)
+
+    def dropouts() -> dict[str, float]:
+        return {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout) and ".layer." in n}
+
+    before = dropouts()
+    assert set(before.values()) == {0.1}
+    for step in range(3):
+        model(**bert_batch(step)).loss.backward()
+        safe.step()
+        safe.zero_grad()
+    assert [u.rsplit(".", 1)[-1] for u in safe.frozen_units] == ["0", "1"]
+    off = {n for n, p in dropouts().items() if p == 0.0}
+    assert off == {f"base_model.model.bert.encoder.layer.{i}.attention.self.dropout" for i in (0, 1)}
+    # The frozen blocks' hidden-state dropout, and every dropout above them, is left as it was.
+    kept = {n: p for n, p in dropouts().items() if n not in off}
+    assert len(kept) == 4 * 3 - 2 and set(kept.values()) == {0.1}
+
+
+def test_frozen_dropout_smoke_run_times_every_setting(tmp_path: Path) -> None:
+    frozen_dropout = _load(REPO / "benchmarks" / "frozen_dropout.py")
+    results = tmp_path / "drop.json"
+    argv = ["--tasks", "rotten_tomatoes", "--rounds", "2", "--limit", "32", "--threads", "1"]
+    assert frozen_dropout.main([*argv, "--results", str(results)]) == 0
+    data = json.loads(results.read_text())
+    (row,) = data["tasks"]
+    assert row["frozen"] == 4  # the default's round(0.67 * 6) lowest blocks
+    assert list(row["median_step_ms"]) == ["lora", "kept", "attention-off", "eval"]
+    assert all(ms > 0 for ms in row["median_step_ms"].values())
+    assert row["x_lora"]["lora"] == row["x_kept"]["kept"] == 1.0
+
+
 def test_tradeoff_rows_pair_each_seed_with_its_lora_run() -> None:
     rows = {r["variant"]: r for r in tradeoff.summarize(_tradeoff_data("depth"))}
     assert rows["lora"]["accuracy"] == pytest.approx(0.75)
