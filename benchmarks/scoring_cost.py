@@ -102,45 +102,31 @@ def measure(device: torch.device, scored: bool, batch: dict[str, torch.Tensor]) 
     task = dataclasses.replace(ROTTEN_TOMATOES, device=str(device))
     model = build_model(task, 0).to(device).train()
     clock = HostClock()
-    if scored:
-        with clock.installed():
+    with clock.installed():  # before the optimizer binds its hooks; a plain optimizer has none
+        if scored:
             optimizer: torch.optim.Optimizer = always_scoring(model, SAFEConfig.for_run(337), task.lr)
-            return _measure(device, model, batch, optimizer, clock)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
-    return _measure(device, model, batch, optimizer, None)
-
-
-def _measure(
-    device: torch.device,
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    clock: HostClock | None,
-) -> dict[str, float | None]:
-    for _ in range(WARM):
-        timed_step(model, batch, optimizer)
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for _ in range(PROFILED):
-            timed_step(model, batch, optimizer)  # synchronized on CUDA: every kernel lands in the window
-    on_gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    times = [timed_step(model, batch, optimizer) for _ in range(TIMED)]
-    if clock is not None:  # its own steps, so the clock's reads stay out of the step times
-        clock.on = True
-        for _ in range(TIMED):
+        else:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
+        for _ in range(WARM):
+            timed_step(model, batch, optimizer)
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(PROFILED):
+                timed_step(model, batch, optimizer)  # synchronized on CUDA: every kernel lands in the window
+        on_gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        times = [timed_step(model, batch, optimizer) for _ in range(TIMED)]
+        clock.on = True  # its own steps, so the clock's reads stay out of the step times
+        for _ in range(TIMED if scored else 0):
             timed_step(model, batch, optimizer)
         clock.on = False
     busy_us = sum(e.self_device_time_total for e in on_gpu)
-
-    def host_ms(part: str) -> float | None:
-        return None if clock is None else 1000 * clock.seconds[part] / TIMED
-
+    host = {part: 1000 * seconds / TIMED if scored else None for part, seconds in clock.seconds.items()}
     return {
         "kernels_per_step": sum(e.count for e in on_gpu) / PROFILED if cuda else None,
         "gpu_busy_ms_per_step": busy_us / PROFILED / 1000 if cuda else None,
         "median_step_ms": 1000 * statistics.median_high(times),
-        "scoring_host_ms_per_step": host_ms("hooks"),
-        "batched_cka_host_ms_per_step": host_ms("batched_cka"),
+        "scoring_host_ms_per_step": host["hooks"],
+        "batched_cka_host_ms_per_step": host["batched_cka"],
     }
 
 

@@ -274,14 +274,10 @@ def _orders(data: dict[str, Any], task: str) -> list[str]:
     return list(dict.fromkeys(r.get("order") or "prefix" for r in _safe_runs(data, task)))
 
 
-def _eval_frozen(data: dict[str, Any], task: str) -> bool:
-    """Whether a task's SAFE runs held their frozen blocks in evaluation mode."""
-    return any(r.get("eval_frozen") for r in _safe_runs(data, task))
-
-
-def _attention_dropout_off(data: dict[str, Any], task: str) -> bool:
-    """Whether a task's SAFE runs turned off the attention dropout of their frozen blocks."""
-    return any(r.get("attention_dropout_off") for r in _safe_runs(data, task))
+def _safe_flag(data: dict[str, Any], task: str, key: str) -> bool:
+    """Whether a task's SAFE runs set ``key``: ``eval_frozen`` (frozen blocks in evaluation
+    mode) or ``attention_dropout_off`` (their attention dropout off)."""
+    return any(r.get(key) for r in _safe_runs(data, task))
 
 
 def _tasks(data: dict[str, Any]) -> list[str]:
@@ -351,8 +347,8 @@ def render(datasets: list[dict[str, Any]]) -> str:
         tasks = _tasks(data)
         return (
             any(o != default for t in tasks for o in _orders(data, t)),
-            any(_eval_frozen(data, t) for t in tasks),
-            any(_attention_dropout_off(data, t) for t in tasks),
+            any(_safe_flag(data, t, "eval_frozen") for t in tasks),
+            any(_safe_flag(data, t, "attention_dropout_off") for t in tasks),
         )
 
     for data in sorted(datasets, key=rank):
@@ -363,8 +359,12 @@ def render(datasets: list[dict[str, Any]]) -> str:
             lines += [
                 f"## {_task_name(task, data.get('lr_schedule'))}, device {machine['device']}, "
                 + ", ".join(f"`order={o!r}`" for o in _orders(data, task))
-                + (", `eval_frozen=True`" if _eval_frozen(data, task) else "")
-                + (", frozen blocks' attention dropout off" if _attention_dropout_off(data, task) else ""),
+                + (", `eval_frozen=True`" if _safe_flag(data, task, "eval_frozen") else "")
+                + (
+                    ", frozen blocks' attention dropout off"
+                    if _safe_flag(data, task, "attention_dropout_off")
+                    else ""
+                ),
                 "",
                 "```bash",
                 data["command"],

@@ -8,6 +8,7 @@ run without scoring sees the same dropout masks and data order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -270,12 +271,10 @@ def _cross_sq_terms(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(3, A) :func:`_cross_sq` of each minibatch of (x, y), (x, x) and (y, y), for ``x``
     (A, N, Dx) and ``y`` (A, N, Dy), each Gram matrix made once."""
     n = x.shape[1]
-    grams: dict[int, torch.Tensor] = {}
 
+    @functools.cache
     def gram(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in grams:
-            grams[id(t)] = t @ t.mT  # (A, N, N)
-        return grams[id(t)]
+        return t @ t.mT  # (A, N, N), made once per tensor
 
     def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if n * n <= a.shape[2] * b.shape[2]:
