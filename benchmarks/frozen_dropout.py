@@ -7,11 +7,11 @@ train on the same batch, one step of each per round, so the machine's slower and
 spells fall on all of them alike:
 
 - ``lora``: plain LoRA, nothing frozen;
-- ``kept``: the frozen blocks keep their dropout, as SAFE's default does;
+- ``kept``: the frozen blocks keep all their dropout (``SAFEConfig.eval_frozen=False``);
 - ``attention-off``: the frozen blocks drop no attention probabilities, so their attention
   can take the fused kernel, and keep the dropout on their hidden states
-  (``tradeoff.attention_dropout_off_when_frozen``, BERT naming);
-- ``eval``: the frozen blocks in evaluation mode (``SAFEConfig.eval_frozen=True``).
+  (``eval_frozen="attention"``, the default);
+- ``eval``: the frozen blocks in evaluation mode (``eval_frozen=True``).
 
 It writes the median step of each to ``benchmarks/results/frozen_dropout_<device>.json``
 (``--results``)::
@@ -62,12 +62,11 @@ def _trainer(
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
     if setting == "lora":
         return model, inner, 0
+    held = {"kept": False, "attention-off": "attention", "eval": True}[setting]
     config = dataclasses.replace(
-        SAFEConfig.for_run(total), warmup_steps=1, freeze_end_step=1, eval_frozen=setting == "eval"
+        SAFEConfig.for_run(total), warmup_steps=1, freeze_end_step=1, eval_frozen=held
     )
     safe = SAFEOptimizer(inner, model, config)
-    if setting == "attention-off":
-        tradeoff.attention_dropout_off_when_frozen(safe)
     for _ in range(2):  # the warm-up step, then the step at which the freeze lands
         timed_step(model, batch, safe)
     return model, safe, len(safe.frozen_units)

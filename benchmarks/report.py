@@ -34,7 +34,17 @@ TOGETHER = (
     "and its run among the others ended identically (freezes, counted costs, accuracy)."
 )
 # Rotten Tomatoes rows, in table order; lora_budget is the LoRA run cut at SAFE's FLOPs.
-ROWS = ("lora", "lora_budget", "safe", "oracle", "score-prefix", "position", "eval-frozen", "paper")
+ROWS = (
+    "lora",
+    "lora_budget",
+    "safe",
+    "oracle",
+    "score-prefix",
+    "position",
+    "eval-frozen",
+    "dropout-kept",
+    "paper",
+)
 # Per-step saved bytes drawn for seed 0.
 PLOTTED = ("lora", "safe", "paper", "score-prefix", "position")
 # What each variant is, for the page.
@@ -44,7 +54,8 @@ DEFINITIONS = {
     "SAFE run's total of the same seed: LoRA stopped at SAFE's FLOPs budget",
     "safe": "SAFE's default rule, `SAFEConfig.for_run(total_steps)` (`order={safe_order!r}`): one unit per "
     "transformer block, scores ranked, so the threshold lets a share of the blocks freeze (`tau_target` = "
-    "{safe_tau} of them by the end of the ramp), {safe_rule}, frozen LoRA merged into the base weight",
+    "{safe_tau} of them by the end of the ramp), {safe_rule}, frozen LoRA merged into the base weight; "
+    "{safe_held} (`eval_frozen={safe_eval!r}`)",
     "oracle": "SAFE's recorded plan replayed (`plan=safe.plan`): the same blocks frozen at the same "
     "steps, with no warm-up scoring; what SAFE costs if the choice were known in advance",
     "score-prefix": 'the default with `order="prefix"`: the scores pick the frozen lower prefix, which '
@@ -54,8 +65,17 @@ DEFINITIONS = {
     "eval-frozen": "the default with `eval_frozen=True`: the frozen blocks run in evaluation mode, their "
     "dropout off, so they compute a fixed function and skip the dropout masks and the slower attention "
     "kernel that dropout needs; the blocks above them lose that dropout's regularization",
+    "dropout-kept": "the default with `eval_frozen=False`: the frozen blocks keep all their dropout, their "
+    "attention's included, as under the paper's rule",
     "paper": "`SAFEConfig.paper(...)` with the same warm-up and ramp: per-adapter units, scores over "
     "the top score (`tau_target` = {paper_tau}), every adapter below the threshold freezes, no merge",
+}
+# What each eval_frozen value does to the frozen blocks, for the page.
+_HELD: dict[bool | str, str] = {
+    False: "the frozen blocks keep all their dropout",
+    True: "the frozen blocks run in evaluation mode",
+    "attention": "the frozen blocks' attention runs in evaluation mode, so no attention probabilities are "
+    "dropped, while the dropout on their hidden states stays",
 }
 # How the default's `order` chooses the blocks, for the page.
 _RULES = {
@@ -83,7 +103,16 @@ DRUG_TARGETS: dict[str, tuple[str, float]] = {
     "flops_vs_oracle": ("SAFE FLOPs vs oracle, relative difference", 0.02),
 }
 # SAFEConfig fields the drug-review section shows.
-_DRUG_FIELDS = ("warmup_steps", "freeze_end_step", "tau_target", "normalization", "order", "units", "merge")
+_DRUG_FIELDS = (
+    "warmup_steps",
+    "freeze_end_step",
+    "tau_target",
+    "normalization",
+    "order",
+    "units",
+    "merge",
+    "eval_frozen",
+)
 # Two-sided 95% Student t quantiles t(0.975, df) for df = 1..30.
 _T975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -441,6 +470,8 @@ def _definitions(data: dict[str, Any], shown: Sequence[str]) -> list[str]:
         "paper_tau": data["configs"].get("paper", {}).get("tau_target"),
         "safe_order": cfg["order"],
         "safe_rule": _RULES.get(cfg["order"], ""),
+        "safe_held": _HELD[cfg.get("eval_frozen", False)],
+        "safe_eval": cfg.get("eval_frozen", False),
     }
     lines += [f"| {v} | {DEFINITIONS[v].format(**taus)} |" for v in ROWS if v in shown]
     lines += [
@@ -486,14 +517,23 @@ def _diff(s: dict[str, dict[str, list[float]]], variant: str, key: str) -> str:
 
 
 def _default_note(data: dict[str, Any]) -> str:
-    """A sentence for a run whose ``safe`` rows used another ``order`` than today's default."""
-    order, default = data["config"].get("order"), SAFEConfig().order
-    if order is None or order == default:
-        return ""
-    return (
-        f" This run predates the current default: its `safe` rows (and the oracle replaying them) used "
-        f"`order={order!r}`, and its `position` rows ran today's default rule (`order={default!r}`)."
-    )
+    """Sentences for a run whose ``safe`` rows used another ``order`` or ``eval_frozen`` than
+    today's default."""
+    config, default = data["config"], SAFEConfig()
+    order, held = config.get("order"), config.get("eval_frozen", default.eval_frozen)
+    note = ""
+    if order is not None and order != default.order:
+        note += (
+            f" This run predates the current default: its `safe` rows (and the oracle replaying them) "
+            f"used `order={order!r}`, and its `position` rows ran today's default rule "
+            f"(`order={default.order!r}`)."
+        )
+    if held != default.eval_frozen:
+        note += (
+            f" Its SAFE rows ran with `eval_frozen={held!r}` ({_HELD[held]}), where today's default is "
+            f"`eval_frozen={default.eval_frozen!r}` ({_HELD[default.eval_frozen]})."
+        )
+    return note
 
 
 def rotten_section(data: dict[str, Any], title: str, *, main: bool) -> list[str]:
@@ -733,8 +773,9 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
         "score-prefix": 'Letting the scores pick the frozen prefix (`order="prefix"`)',
         "position": "Position-only freezing (as many blocks, lowest first, no scores)",
     }
-    if "eval-frozen" in s:
-        lines += ["", _eval_frozen_text(s)]
+    for variant, how in DROPOUT_VARIANTS.items():
+        if variant in s:
+            lines += ["", _dropout_text(s, variant, how)]
     for variant, label in others.items():
         if variant in s:
             lines += [
@@ -748,18 +789,24 @@ def limits(data: dict[str, Any], s: dict[str, dict[str, list[float]]]) -> list[s
     return lines
 
 
-def _eval_frozen_text(s: dict[str, dict[str, list[float]]]) -> str:
-    """What holding the frozen blocks in evaluation mode bought and cost, against the default."""
-    eval_f1, _ = _versus_lora(s, "eval-frozen", "macro_f1")
+# The variants that change only the frozen blocks' dropout, and what each does, for the page.
+DROPOUT_VARIANTS = {
+    "eval-frozen": "Holding the whole frozen blocks in evaluation mode (`eval_frozen=True`)",
+    "dropout-kept": "Keeping all the frozen blocks' dropout (`eval_frozen=False`, the paper's setting)",
+}
+
+
+def _dropout_text(s: dict[str, dict[str, list[float]]], variant: str, how: str) -> str:
+    """What a variant that changes only the frozen blocks' dropout bought and cost, against the default."""
+    f1, _ = _versus_lora(s, variant, "macro_f1")
     safe_acc, _ = _versus_lora(s, "safe", "accuracy")
     safe_f1, _ = _versus_lora(s, "safe", "macro_f1")
     return (
-        "Holding the frozen blocks in evaluation mode (`eval_frozen=True`, off by default) takes the wall "
-        f"time to {ratio(s, 'eval-frozen', 'wall_time'):.3f}x LoRA, against the default's "
-        f"{ratio(s, 'safe', 'wall_time'):.3f}x, at FLOPs {ratio(s, 'eval-frozen', 'flops'):.3f}x and saved "
-        f"bytes {ratio(s, 'eval-frozen', 'saved_bytes'):.3f}x (dropout is not counted as FLOPs, and a frozen "
+        f"{how} takes the wall time to {ratio(s, variant, 'wall_time'):.3f}x LoRA, against the default's "
+        f"{ratio(s, 'safe', 'wall_time'):.3f}x, at FLOPs {ratio(s, variant, 'flops'):.3f}x and saved "
+        f"bytes {ratio(s, variant, 'saved_bytes'):.3f}x (dropout is not counted as FLOPs, and a frozen "
         f"lower prefix saves nothing for backward either way); accuracy - LoRA "
-        f"{_diff(s, 'eval-frozen', 'accuracy')} points and macro-F1 {100 * eval_f1:+.1f}, against the "
+        f"{_diff(s, variant, 'accuracy')} points and macro-F1 {100 * f1:+.1f}, against the "
         f"default's {100 * safe_acc:+.1f} and {100 * safe_f1:+.1f}."
     )
 

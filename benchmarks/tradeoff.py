@@ -75,12 +75,10 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
             freeze_end_step=max(1, round(warmup * total), round(end * total)),
             tau_target=job["tau"],
             **({"order": job["order"]} if job.get("order") else {}),
-            eval_frozen=bool(job.get("eval_frozen")),
+            eval_frozen="attention" if job.get("attention_dropout_off") else bool(job.get("eval_frozen")),
         )
     budget = None if job["budget"] is None else int(job["budget"] * job["lora_flops"])
     options: dict[str, Any] = {}
-    if config is not None and job.get("attention_dropout_off"):
-        options["setup"] = attention_dropout_off_when_frozen
     started = time.perf_counter()
     result = train(
         job["variant"],
@@ -96,8 +94,8 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
     return {
         **{k: job[k] for k in ("task", "seed", "variant", "tau", "budget", "schedule")},
         "order": None if config is None else config.order,
-        "eval_frozen": None if config is None else config.eval_frozen,
-        "attention_dropout_off": None if config is None else bool(job.get("attention_dropout_off")),
+        "eval_frozen": None if config is None else config.eval_frozen is True,
+        "attention_dropout_off": None if config is None else config.eval_frozen == "attention",
         "steps": total,
         "accuracy": result.accuracy,
         "macro_f1": result.macro_f1,
@@ -110,25 +108,6 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
         "frozen": None if plan is None else [[e.step, len(e.units)] for e in plan.events],
         "seconds": time.perf_counter() - started,
     }
-
-
-def attention_dropout_off_when_frozen(safe: Any) -> None:
-    """From each block's freeze on, drop no attention probabilities in it; keep its other dropout.
-
-    A benchmark setting for BERT-style blocks (MiniLM): the self-attention module of a block
-    is ``<block>.attention.self`` and reads its attention dropout from ``.dropout.p``. Without
-    it the attention can take the fused kernel; the dropout on the block's hidden states,
-    the noise the blocks above train with, stays on.
-    """
-    model = safe.controller.model
-
-    def on_freeze(event: Any) -> None:
-        for unit in event.units:
-            for name, module in model.get_submodule(unit).named_modules():
-                if name.endswith("attention.self"):
-                    module.dropout.p = 0.0
-
-    safe.add_freeze_callback(on_freeze)
 
 
 def lora_flops(task_name: str, device: str, limit: int | None) -> int:
@@ -317,14 +296,15 @@ freeze when the scores say a low block matters. Each SAFE row is the default con
 the order its section names and the `tau_target` and schedule shown (warm-up end / ramp end
 as shares of the run), 3 seeds, next to plain LoRA and to the same LoRA runs evaluated when
 their FLOPs reached a share of a full run's (training less). The sections whose SAFE rows
-ran the default order come first; sections marked `eval_frozen=True` held the frozen
-blocks in evaluation mode (`SAFEConfig.eval_frozen`: their dropout off), and those marked
-"frozen blocks' attention dropout off" (`--attention-dropout-off`) turned off only the
+ran the default order come first. The SAFE rows keep all the frozen blocks' dropout
+(`SAFEConfig.eval_frozen=False`) unless their section says otherwise: sections marked
+`eval_frozen=True` held the frozen blocks in evaluation mode (their dropout off), and those
+marked "frozen blocks' attention dropout off" (`--attention-dropout-off`) turned off only the
 dropout of the frozen blocks' attention probabilities, keeping the dropout on their hidden
-states; step times with the frozen blocks' dropout kept, attention dropout off and in
-evaluation mode are in `benchmarks/results/frozen_dropout_cpu.json`
-(`python benchmarks/frozen_dropout.py --threads 2`). The recorded runs
-went in parallel processes (`--workers`), so no times are reported; FLOPs and bytes saved
+states: what the library's default, `eval_frozen="attention"`, does. Step times with the
+frozen blocks' dropout kept, attention dropout off and in evaluation mode are in
+`benchmarks/results/frozen_dropout_cpu.json` (`python benchmarks/frozen_dropout.py --threads 2`).
+The recorded runs went in parallel processes (`--workers`), so no times are reported; FLOPs and bytes saved
 for backward are counted, so they do not depend on the machine.
 
 Rebuild this page from the saved results with
@@ -454,12 +434,16 @@ def main(argv: list[str] | None = None) -> int:
         help="SAFEConfig.order of the SAFE runs (default: the library's)",
     )
     parser.add_argument(
-        "--eval-frozen", action="store_true", help="SAFEConfig.eval_frozen=True in the SAFE runs"
+        "--eval-frozen",
+        action="store_true",
+        help="SAFEConfig.eval_frozen=True in the SAFE runs (without it or --attention-dropout-off, "
+        "eval_frozen=False: the frozen blocks keep all their dropout)",
     )
     parser.add_argument(
         "--attention-dropout-off",
         action="store_true",
-        help="the SAFE runs drop no attention probabilities in a block once it froze (BERT naming)",
+        help='SAFEConfig.eval_frozen="attention" (the library\'s default) in the SAFE runs: a frozen '
+        "block drops no attention probabilities",
     )
     parser.add_argument(
         "--lr-schedule",

@@ -17,6 +17,8 @@ WARMUP_SHARE = 0.25
 FREEZE_END_SHARE = 0.5
 # Warm-up steps scored by default (score_every=None) under a rule the scores do not steer.
 UNSTEERED_SCORED_STEPS = 8
+# The eval_frozen value that runs only a frozen unit's attention modules in evaluation mode.
+EVAL_ATTENTION = "attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +67,15 @@ class SAFEConfig:
     # Merge a frozen PEFT LoRA adapter into its float32/float64 base weight (PEFT's own
     # merge), removing its forward cost and the dropout mask it saves for backward.
     merge: bool = True
-    # Run frozen units in evaluation mode (dropout off): a frozen unit is then a fixed function
-    # of its input, and its dropout masks, and the slower attention kernels that dropout needs,
-    # cost nothing; but the layers above lose the regularization of that dropout. Held at every
-    # training forward of the model until the engine is closed.
-    eval_frozen: bool = False
+    # Which parts of a frozen unit run in evaluation mode (dropout off), held at every training
+    # forward until the engine is closed. "attention": its attention modules (the innermost
+    # modules whose class name ends in "Attention"), so no attention probabilities are dropped
+    # and the attention can take its fused kernel, while the dropout on the unit's hidden
+    # states, the noise the units above train with, stays on (except a dropout inside the
+    # attention module itself, such as GPT-2's on the attention output); a unit without such a
+    # module (one adapter per unit) keeps all its dropout. True: the whole unit, a fixed
+    # function of its input. False: none; frozen units keep all their dropout (the paper).
+    eval_frozen: bool | str = "attention"
 
     def __post_init__(self) -> None:
         for field in ("warmup_steps", "freeze_end_step", "score_every", "seed"):
@@ -103,9 +109,14 @@ class SAFEConfig:
             )
         if self.units not in _UNITS:
             raise ValueError(f"SAFEConfig.units must be one of {_UNITS}, got units={self.units!r}")
-        for flag in ("merge", "eval_frozen"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"SAFEConfig.{flag} must be a bool, got {flag}={getattr(self, flag)!r}")
+        if not isinstance(self.merge, bool):
+            raise TypeError(f"SAFEConfig.merge must be a bool, got merge={self.merge!r}")
+        if not isinstance(self.eval_frozen, bool) and self.eval_frozen != EVAL_ATTENTION:
+            error = ValueError if isinstance(self.eval_frozen, str) else TypeError
+            raise error(
+                f"SAFEConfig.eval_frozen must be True, False or {EVAL_ATTENTION!r}, "
+                f"got eval_frozen={self.eval_frozen!r}"
+            )
         if self.order not in _ORDERS:
             raise ValueError(f"SAFEConfig.order must be one of {_ORDERS}, got order={self.order!r}")
         tau = self.tau_target
@@ -195,7 +206,7 @@ class SAFEConfig:
         """The paper's rule: per-adapter units scored against the top score, frozen by score.
 
         Every adapter below ``tau_target`` times the highest score freezes, wherever it is in
-        the model, nothing is merged and frozen adapters keep their dropout (arXiv 2412.03587).
+        the model, nothing is merged and frozen adapters keep all their dropout (arXiv 2412.03587).
         Other fields keep their defaults unless given in ``changes``.
 
         Example:
@@ -208,6 +219,7 @@ class SAFEConfig:
             "normalization": "max",
             "units": "adapter",
             "merge": False,
+            "eval_frozen": False,
             "tau_target": 0.6,
         }
         return cls(**{**fields, **changes})

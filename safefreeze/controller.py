@@ -25,11 +25,12 @@ from torch.utils.hooks import RemovableHandle
 
 from safefreeze import merge as _merge
 from safefreeze.cka._torch import NUM_STATS, STAT_NAMES, CKAAccumulator
-from safefreeze.config import SAFEConfig
+from safefreeze.config import EVAL_ATTENTION, SAFEConfig
 from safefreeze.discovery import (
     AdapterDiscoveryError,
     AdapterPair,
     AdapterPattern,
+    attention_modules,
     check_adalora_schedule,
     find_adapter_pairs,
 )
@@ -460,11 +461,14 @@ class FreezeController:
         return [block] if inside else sites
 
     def _hold_frozen_eval(self) -> None:
-        """Put the frozen units in evaluation mode, now and at each training forward (``eval_frozen``)."""
+        """Put the frozen units, or their attention modules, in evaluation mode, now and at each
+        training forward (``eval_frozen``)."""
         if not self.config.eval_frozen:
             return
         frozen = self.plan.unit_freeze_steps
         names = tuple(dict.fromkeys(m for u in self.units if u in frozen for m in self._unit_modules(u)))
+        if self.config.eval_frozen == EVAL_ATTENTION:
+            names = tuple(a for m in names for a in attention_modules(self.model, m))
         if names:
             self._hooks.hold_eval(self.model, names)
 

@@ -233,6 +233,31 @@ def check_adalora_schedule(model: nn.Module, warmup_steps: int) -> None:
                 )
 
 
+def attention_modules(model: nn.Module, name: str) -> list[str]:
+    """Names of the innermost modules at or below ``model``'s submodule ``name`` whose class name
+    ends in "Attention" (``BertSelfAttention`` inside ``BertAttention``, ``LlamaAttention``).
+
+    Example:
+        >>> class SelfAttention(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.drop = nn.Dropout(0.1)
+        >>> class BlockAttention(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.self, self.out = SelfAttention(), nn.Linear(2, 2)
+        >>> model = nn.Sequential(nn.Sequential(BlockAttention(), nn.Dropout(0.1)))
+        >>> attention_modules(model, "0")
+        ['0.0.self']
+    """
+    found = [
+        _join(name, rel) if rel else name
+        for rel, module in model.get_submodule(name).named_modules()
+        if type(module).__name__.endswith("Attention")
+    ]
+    return [n for n in found if not any(o != n and (not n or o.startswith(n + ".")) for o in found)]
+
+
 def _as_patterns(pattern: object) -> list[AdapterPattern]:
     if pattern is None:
         return [AdapterPattern()]

@@ -27,7 +27,7 @@ from safefreeze.selection import group_units
 SCHEMA = "safefreeze.plan"
 # Bump on every change of the plan or checkpoint layout, with a migration in _MIGRATIONS and
 # a fixture tests/data/plans/v<N>.json (see docs/plans.md).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Integers in a plan (steps, shape dims, byte counts) are below 2**63, as in a C int64.
 _INT_LIMIT = 2**63
@@ -421,6 +421,11 @@ def _v4_to_v5(doc: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+def _v5_to_v6(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 6 lets ``config.eval_frozen`` be ``"attention"``; a version-5 value stays as it is."""
+    return dict(doc, version=6)
+
+
 # Migrations in order: _MIGRATIONS[n - 1] turns a version-n document into version n + 1.
 # Each returns a new dict and leaves its input untouched.
 _MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (
@@ -428,6 +433,7 @@ _MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (
     _v2_to_v3,
     _v3_to_v4,
     _v4_to_v5,
+    _v5_to_v6,
 )
 
 
@@ -453,7 +459,7 @@ def migrate(data: Any, *, source: str) -> dict[str, Any]:
         >>> old = {"schema": "safefreeze.plan", "version": 1, "config": {"group_by": None}}
         >>> new = migrate(old, source="plan")
         >>> new["version"], new["config"]["order"], new["config"]["units"], "order" in old["config"]
-        (5, 'score', 'adapter', False)
+        (6, 'score', 'adapter', False)
     """
     if not isinstance(data, dict):
         raise PlanError(

@@ -56,7 +56,7 @@ def _plan() -> FreezePlan:
 
 def _expected(plan: FreezePlan, source: str) -> str:
     return f"""\
-plan: {source} (schema version 5, fingerprint {plan.fingerprint[:12]})
+plan: {source} (schema version 6, fingerprint {plan.fingerprint[:12]})
 config: warmup_steps=2 freeze_end_step=4 tau_target=0.5 normalization=max score_every=None max_tokens=64 \
 group_by=None seed=0 order=score units=adapter merge=False eval_frozen=False
 adapters: 4 in 4 freeze units; 3 frozen in 2 events
@@ -194,7 +194,7 @@ HOSTILE: dict[str, str | bytes] = {
     "name-int": _text(lambda d: d["model"]["adapters"][0].update(name=7)),
     "config-string": _text(lambda d: d.update(config="tau=0.5")),
     "config-value": _text(lambda d: d["config"].update(tau_target=2.0)),
-    "version-new": _text(lambda d: d.update(version=6)),
+    "version-new": _text(lambda d: d.update(version=7)),
     "version-bool": _text(lambda d: d.update(version=True)),
     "not-utf8": b"\xff\xfe{}",
     "surrogate-in-name": _text(lambda d: d["units"].update({"\ud800": ["ghost"]})),
@@ -240,7 +240,7 @@ def test_plan_show_escapes_names(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (code, err) == (0, "")
     assert out.isascii() and all(line.isprintable() for line in out.splitlines())
     lines = out.splitlines()
-    assert lines[0].startswith(f"plan: {tmp_path}/evil\\tplan.json (schema version 5, fingerprint")
+    assert lines[0].startswith(f"plan: {tmp_path}/evil\\tplan.json (schema version 6, fingerprint")
     assert lines[6] == "   3     0.4375   0.1000       1  row\\n   9     0.9000   0.0100       1  forged"
     assert lines[-3:] == [  # the file's units are in key order
         "   -          -   0.5000       -  bidi\\u202eevil",
@@ -263,7 +263,7 @@ def test_plan_show_names_the_version_a_plan_was_migrated_from(
     assert (code, err) == (0, "")
     first, *rest = _expected(_plan(), str(path)).splitlines()
     assert out.splitlines() == [
-        first.replace("(schema version 5,", "(schema version 5, migrated from version 1,"),
+        first.replace("(schema version 6,", "(schema version 6, migrated from version 1,"),
         *rest,
     ]
 

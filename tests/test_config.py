@@ -82,7 +82,12 @@ def test_config_is_frozen() -> None:
         ),
         ({"max_tokens": True}, ValueError, r"max_tokens >= 4"),
         ({"merge": 1}, TypeError, r"merge must be a bool, got merge=1"),
-        ({"eval_frozen": "yes"}, TypeError, r"eval_frozen must be a bool, got eval_frozen='yes'"),
+        (
+            {"eval_frozen": "yes"},
+            ValueError,
+            r"eval_frozen must be True, False or 'attention', got eval_frozen='yes'",
+        ),
+        ({"eval_frozen": 1}, TypeError, r"eval_frozen must be True, False or 'attention', got eval_frozen=1"),
     ],
 )
 def test_bad_values_fail_in_the_config_with_a_clear_message(kwargs: dict, error: type, match: str) -> None:

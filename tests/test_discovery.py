@@ -180,3 +180,23 @@ def test_pairs_follow_a_ddp_style_prefix() -> None:
     params = dict(wrapper.named_parameters())
     assert all(name in params for p in pairs for name in p.param_names)
     assert isinstance(params[pairs[0].param_names[0]], torch.nn.Parameter)
+
+
+def test_attention_modules_are_the_innermost_attention_of_bert_gpt2_and_llama_blocks() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from safefreeze.discovery import attention_modules
+
+    small = {"vocab_size": 64}
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, **small))
+    llama = LlamaForCausalLM(
+        LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2, **small)
+    )
+    bert = peft_bert(layers=2)
+    assert attention_modules(gpt2, "transformer.h.1") == ["transformer.h.1.attn"]
+    assert attention_modules(llama, "model.layers.0") == ["model.layers.0.self_attn"]
+    # BertAttention holds BertSelfAttention and the output projection with its dropout.
+    block = "base_model.model.bert.encoder.layer.1"
+    assert attention_modules(bert, block) == [f"{block}.attention.self"]
+    assert attention_modules(bert, f"{block}.attention.self.query") == []
+    assert attention_modules(bert, f"{block}.attention.self") == [f"{block}.attention.self"]

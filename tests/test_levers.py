@@ -269,7 +269,10 @@ def test_merging_removes_the_frozen_branches_forward_cost_and_dropout_masks() ->
     for merge in (True, False):
         # Blocks 3 and 2 score lowest and freeze by score, above trainable blocks: their
         # branches' dropout masks are saved for backward unless they are merged.
-        config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, order="score", merge=merge)
+        # Their attention keeps its dropout too, so that only merging differs.
+        config = SAFEConfig(
+            warmup_steps=2, freeze_end_step=2, tau_target=0.5, order="score", merge=merge, eval_frozen=False
+        )
         optimizer = _record(config, {f"{LAYER}.{i}": 0.4 - 0.1 * i for i in range(4)}, 3, dropout=0.1)
         assert optimizer.controller.frozen_units == [f"{LAYER}.2", f"{LAYER}.3"]
         model = optimizer.controller.model
@@ -311,7 +314,9 @@ def test_low_precision_and_quantized_bases_are_never_merged() -> None:
 # ---- checkpoints with merged sites ------------------------------------------------------------
 
 
-def _resume_pair(stop: int, total: int, eval_frozen: bool = False) -> tuple[dict[str, Any], SAFEOptimizer]:
+def _resume_pair(
+    stop: int, total: int, eval_frozen: bool | str = "attention"
+) -> tuple[dict[str, Any], SAFEOptimizer]:
     config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5, eval_frozen=eval_frozen)
     raw = {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}
     optimizer = _record(config, raw, stop)
@@ -323,10 +328,14 @@ def _resume_pair(stop: int, total: int, eval_frozen: bool = False) -> tuple[dict
     return ckpt, optimizer
 
 
-@pytest.mark.parametrize(("model_first", "eval_frozen"), [(True, False), (False, False), (True, True)])
-def test_resuming_after_a_merge_continues_bit_identically(model_first: bool, eval_frozen: bool) -> None:
-    # With eval_frozen the resumed engine must hold the frozen blocks in evaluation mode
-    # again: a block left training would draw dropout masks and move the random stream.
+@pytest.mark.parametrize(
+    ("model_first", "eval_frozen"),
+    [(True, "attention"), (False, "attention"), (True, True), (True, False), (False, False)],
+)
+def test_resuming_after_a_merge_continues_bit_identically(model_first: bool, eval_frozen: bool | str) -> None:
+    # With eval_frozen the resumed engine must hold the frozen blocks (or their attention) in
+    # evaluation mode again: a module left training would draw dropout masks and move the
+    # random stream.
     ckpt, full = _resume_pair(4, 7, eval_frozen)
     assert ckpt["optimizer"]["safe"]["merged"]
     torch.manual_seed(0)
@@ -391,7 +400,7 @@ def test_a_damaged_merged_record_is_refused() -> None:
 def test_version_2_plans_migrate_to_per_adapter_units_without_merging() -> None:
     raw = json.loads((PLANS / "v2.json").read_text(encoding="utf-8"))
     new = migrate(raw, source="plan")
-    assert new["version"] == SCHEMA_VERSION == 5
+    assert new["version"] == SCHEMA_VERSION == 6
     assert new["config"]["units"] == "adapter" and new["config"]["merge"] is False
     assert "units" not in raw["config"]
     plan = FreezePlan.from_dict(raw)
@@ -515,14 +524,82 @@ def test_frozen_blocks_run_in_evaluation_mode_whatever_model_train_says() -> Non
     assert set(seen.values()) == {True}
 
 
-def test_frozen_units_keep_their_dropout_by_default_and_under_the_papers_rule() -> None:
-    assert SAFEConfig().eval_frozen is False and SAFEConfig.paper().eval_frozen is False
+LAYER_UNITS = [f"{LAYER}.{i}" for i in range(4)]
+
+
+def _attention_dropout(layer: int) -> str:
+    return f"{LAYER}.{layer}.attention.self.dropout"
+
+
+def test_by_default_only_the_frozen_blocks_attention_runs_in_evaluation_mode() -> None:
+    assert SAFEConfig().eval_frozen == "attention" and SAFEConfig.paper().eval_frozen is False
     config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5)
     optimizer = _record(config, {f"{LAYER}.{i}": 0.1 * (i + 1) for i in range(4)}, 3)
+    assert optimizer.controller.frozen_units == [f"{LAYER}.0", f"{LAYER}.1"]
     model = optimizer.controller.model
-    seen = _dropout_modes(model)
+    seen = _dropout_modes(model)  # the dropout modules called (the attention reads only its p)
+    model.train()
     model(**_batch(4))
-    assert len(optimizer.controller.frozen_units) == 2 and set(seen.values()) == {True}
+    held = [f"{LAYER}.{i}.attention.self" for i in range(4)]
+    assert [model.get_submodule(n).training for n in held] == [False, False, True, True]
+    # The hidden-state dropout of the frozen blocks and every dropout of the others still draw.
+    assert len(seen) == 10 and set(seen.values()) == {True}
+    assert model.get_submodule(f"{LAYER}.0.attention").training
+    assert model.get_submodule(_attention_dropout(0)).training is False
+    optimizer.close()
+    model.train()
+    assert all(model.get_submodule(n).training for n in held)
+
+
+def test_frozen_units_keep_all_their_dropout_without_eval_frozen_and_under_the_papers_rule() -> None:
+    adapters = [f"{LAYER}.{i}.attention.self.{p}" for i in range(4) for p in ("query", "value")]
+    for config, units in (
+        (SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, eval_frozen=False), LAYER_UNITS),
+        (SAFEConfig.paper(warmup_steps=2, freeze_end_step=2, tau_target=0.5), adapters),
+    ):
+        optimizer = _record(config, {u: 0.1 * (i + 1) for i, u in enumerate(units)}, 3)
+        model = optimizer.controller.model
+        model(**_batch(4))
+        assert optimizer.controller.frozen_units
+        assert all(m.training for m in model.modules())
+
+
+def test_attention_in_evaluation_mode_trains_as_its_dropout_set_to_zero() -> None:
+    # The default holds the frozen blocks' attention in evaluation mode; the same run with
+    # their attention dropout probability set to 0 at each freeze (and nothing held) ends
+    # bit for bit the same: the same masks elsewhere, the same weights.
+    weights = []
+    for eval_frozen in ("attention", False):
+        config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5, eval_frozen=eval_frozen)
+        torch.manual_seed(0)
+        model = peft_bert(layers=4, lora_dropout=0.1)
+        model.train()
+        optimizer = _optimizer(model, config)
+        if not eval_frozen:
+
+            def zero(event: Any, model: nn.Module = model) -> None:
+                for unit in event.units:
+                    model.get_submodule(f"{unit}.attention.self.dropout").p = 0.0
+
+            optimizer.add_freeze_callback(zero)
+        for step in range(8):
+            _step(model, optimizer, step)
+        assert len(optimizer.controller.frozen_units) == 2
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
+
+
+def test_adapter_units_hold_no_attention_module_in_evaluation_mode() -> None:
+    # One adapter per unit: a frozen query adapter shares its attention module with a value
+    # adapter that may still train, so nothing in it stops dropping.
+    config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.25, units="adapter", merge=False)
+    names = [f"{LAYER}.{i}.attention.self.{p}" for i in range(4) for p in ("query", "value")]
+    optimizer = _record(config, {n: 0.1 * (i + 1) for i, n in enumerate(names)}, 3, dropout=0.1)
+    assert optimizer.controller.frozen_units == names[:2]
+    seen = _dropout_modes(optimizer.controller.model)
+    optimizer.controller.model(**_batch(4))
+    assert set(seen.values()) == {True}
 
 
 def test_frozen_adapter_units_turn_off_their_own_dropout_only() -> None:
@@ -589,10 +666,15 @@ def test_plans_before_version_5_replay_with_the_frozen_blocks_dropout_on() -> No
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-def test_a_compiled_model_runs_its_frozen_blocks_in_evaluation_mode_without_recompiling() -> None:
+@pytest.mark.parametrize("eval_frozen", [True, "attention"])
+def test_a_compiled_model_runs_its_frozen_blocks_in_evaluation_mode_without_recompiling(
+    eval_frozen: bool | str,
+) -> None:
     from torch._dynamo.utils import counters
 
-    config = SAFEConfig(warmup_steps=2, freeze_end_step=4, tau_target=0.5, max_tokens=16, eval_frozen=True)
+    config = SAFEConfig(
+        warmup_steps=2, freeze_end_step=4, tau_target=0.5, max_tokens=16, eval_frozen=eval_frozen
+    )
     weights = []
     for compiled in (False, True):
         torch._dynamo.reset()

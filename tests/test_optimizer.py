@@ -466,7 +466,7 @@ def test_state_dict_is_keyed_by_names_and_json_friendly() -> None:
     assert set(sd) == {"inner", "safe"}
     assert set(sd["inner"]) == {"state", "param_groups"}
     assert set(sd["safe"]) == {"version", "step", "accumulator", "plan", "merged"}
-    assert sd["safe"]["version"] == SCHEMA_VERSION == 5
+    assert sd["safe"]["version"] == SCHEMA_VERSION == 6
     assert sd["safe"]["merged"] == {}  # merge=False
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]

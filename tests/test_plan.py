@@ -170,7 +170,7 @@ def test_file_is_plain_versioned_json(recorded: Recorded, tmp_path: Path) -> Non
 
     data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
     assert data["schema"] == "safefreeze.plan"
-    assert data["version"] == SCHEMA_VERSION == 5
+    assert data["version"] == SCHEMA_VERSION == 6
     assert set(data) == {"schema", "version", "config", "model", "units", "scores", "events"}
     assert data["config"] == recorded.plan.config.to_dict()
     assert re.fullmatch(r"[0-9a-f]{64}", data["model"]["fingerprint"])
@@ -306,8 +306,8 @@ def test_newer_schema_version_asks_for_an_upgrade(doc: dict[str, Any], tmp_path:
     with pytest.raises(PlanError) as info:
         FreezePlan.load(path)
     assert str(info.value) == (
-        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to 5; "
-        "upgrade safefreeze to read it"
+        f"plan file '{path}' has plan schema version 99; this safefreeze reads versions up to "
+        f"{SCHEMA_VERSION}; upgrade safefreeze to read it"
     )
 
 
@@ -676,22 +676,22 @@ DAMAGES: list[tuple[str, Any, str]] = [
     (
         "version-zero",
         lambda d: d.update(version=0),
-        "version: expected a plan schema version from 1 to 5, got 0",
+        "version: expected a plan schema version from 1 to 6, got 0",
     ),
     (
         "version-string",
         lambda d: d.update(version="2"),
-        "version: expected a plan schema version from 1 to 5, got '2'",
+        "version: expected a plan schema version from 1 to 6, got '2'",
     ),
     (
         "version-bool",
         lambda d: d.update(version=True),
-        "version: expected a plan schema version from 1 to 5, got true",
+        "version: expected a plan schema version from 1 to 6, got true",
     ),
     (
         "version-missing",
         lambda d: d.pop("version"),
-        "version: expected a plan schema version from 1 to 5, got no 'version' field",
+        "version: expected a plan schema version from 1 to 6, got no 'version' field",
     ),
 ]
 
@@ -909,6 +909,7 @@ def _file_doc(name: str) -> dict[str, Any]:
         ("v3.json", ("prefix", "block", True, 1, False)),
         ("v4.json", ("depth", "block", True, 2, False)),
         ("v5.json", ("depth", "block", True, 2, True)),
+        ("v6.json", ("depth", "block", True, 2, "attention")),
     ],
 )
 def test_checked_in_plans_of_every_version_load(name: str, rule: tuple[Any, ...]) -> None:
@@ -960,7 +961,7 @@ def test_migrate_never_mutates_its_input_and_keeps_a_recorded_order() -> None:
     new = migrate(raw, source="plan")
     assert new["config"]["order"] == "score" and "order" not in raw["config"]
     assert "units" not in raw["config"] and "merge" not in raw["config"]
-    current = _file_doc("v5.json")
+    current = _file_doc(f"v{SCHEMA_VERSION}.json")
     again = migrate(current, source="plan")
     assert again == current and again is not current
 
@@ -977,7 +978,7 @@ def test_v1_plans_with_empty_units_get_identity_units_unless_grouped() -> None:
     with pytest.raises(PlanError) as info:
         FreezePlan.from_dict(grouped, source="plan file 'old.json'")
     assert str(info.value) == (
-        "plan file 'old.json' cannot be migrated from plan schema version 1 to 5: units: its units "
+        "plan file 'old.json' cannot be migrated from plan schema version 1 to 6: units: its units "
         "are not recorded and config.group_by is 'blocks\\\\.(\\\\d+)\\\\..*', so they are not one per "
         "adapter; re-record the plan"
     )
@@ -996,9 +997,9 @@ def test_migrate_refuses_what_is_not_a_plan() -> None:
     ):
         migrate([], source="ckpt")
     with pytest.raises(
-        PlanError, match=r"^ckpt has plan schema version 6; this safefreeze reads versions up to 5"
+        PlanError, match=r"^ckpt has plan schema version 7; this safefreeze reads versions up to 6"
     ):
-        migrate({"schema": "safefreeze.plan", "version": 6}, source="ckpt")
+        migrate({"schema": "safefreeze.plan", "version": 7}, source="ckpt")
 
 
 def test_check_frozen_matches_events(recorded: Recorded) -> None:
