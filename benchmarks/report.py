@@ -77,6 +77,13 @@ _HELD: dict[bool | str, str] = {
     "attention": "the frozen blocks' attention runs in evaluation mode, so no attention probabilities are "
     "dropped, while the dropout on their hidden states stays",
 }
+
+
+def _held(config: dict[str, Any]) -> bool | str:
+    """A recorded config's ``eval_frozen``; one recorded before the field kept every dropout."""
+    return config.get("eval_frozen", False)
+
+
 # How the default's `order` chooses the blocks, for the page.
 _RULES = {
     "depth": "the lowest blocks freeze first whatever they score, so the frozen blocks are always a lower "
@@ -470,8 +477,8 @@ def _definitions(data: dict[str, Any], shown: Sequence[str]) -> list[str]:
         "paper_tau": data["configs"].get("paper", {}).get("tau_target"),
         "safe_order": cfg["order"],
         "safe_rule": _RULES.get(cfg["order"], ""),
-        "safe_held": _HELD[cfg.get("eval_frozen", False)],
-        "safe_eval": cfg.get("eval_frozen", False),
+        "safe_held": _HELD[_held(cfg)],
+        "safe_eval": _held(cfg),
     }
     lines += [f"| {v} | {DEFINITIONS[v].format(**taus)} |" for v in ROWS if v in shown]
     lines += [
@@ -520,7 +527,7 @@ def _default_note(data: dict[str, Any]) -> str:
     """Sentences for a run whose ``safe`` rows used another ``order`` or ``eval_frozen`` than
     today's default."""
     config, default = data["config"], SAFEConfig()
-    order, held = config.get("order"), config.get("eval_frozen", default.eval_frozen)
+    order, held = config.get("order"), _held(config)
     note = ""
     if order is not None and order != default.order:
         note += (

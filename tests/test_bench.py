@@ -79,7 +79,13 @@ def _synthetic() -> dict[str, Any]:
         )  # fmt: skip
     return {
         "task": {"labels": ["negative", "positive"]},
-        "config": {"warmup_steps": 2, "freeze_end_step": 4, "tau_target": 0.5, "normalization": "rank"},
+        "config": {
+            "warmup_steps": 2,
+            "freeze_end_step": 4,
+            "tau_target": 0.5,
+            "normalization": "rank",
+            "eval_frozen": "attention",
+        },
         "sizes": {"total_steps": 10},
         "seeds": [0, 1, 2],
         "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch_threads": 2, "platform": "p",
@@ -163,6 +169,14 @@ def test_a_run_of_another_default_order_says_so() -> None:
     assert (
         "This run predates the current default: its `safe` rows (and the oracle replaying them) used "
         "`order='prefix'`, and its `position` rows ran today's default rule (`order='depth'`)." in page
+    )
+    # A config recorded before eval_frozen existed kept every dropout, and says so.
+    data["config"]["order"] = SAFEConfig().order
+    del data["config"]["eval_frozen"]
+    assert report._default_note(data) == (
+        " Its SAFE rows ran with `eval_frozen=False` (the frozen blocks keep all their dropout), where "
+        "today's default is `eval_frozen='attention'` (the frozen blocks' attention runs in evaluation "
+        "mode, so no attention probabilities are dropped, while the dropout on their hidden states stays)."
     )
 
 
