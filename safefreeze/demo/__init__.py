@@ -47,8 +47,8 @@ __all__ = [
 
 # The demo's task: Rotten Tomatoes snippets, rotten (negative) versus fresh (positive). The
 # first 4,800 training snippets (150 steps of 32) keep both runs, evaluation included, within
-# four minutes on two CPU cores: there LoRA's steps took 66 s, SAFE's 50 s, and the whole
-# command 141 s.
+# four minutes on two CPU cores: there LoRA's steps took 73 s, SAFE's 51 s, and the whole
+# command 152 s.
 DEMO_TASK = dataclasses.replace(ROTTEN_TOMATOES, train_size=4800)
 # The MLflow experiment that holds the demo's runs.
 EXPERIMENT = "safefreeze-demo"
