@@ -14,6 +14,10 @@ for backward). Per task and seed:
   instead of mid-stride.
 - ``boost``: ``safe``'s plan replayed, each block that freezes trained at twice the learning
   rate until its freeze, as if its fewer steps could be made up by larger ones.
+- ``average``: ``safe``'s plan replayed, and each block that freezes is frozen (and merged)
+  with the mean of its weights after each step of the second half of its training, from half
+  its freeze step to it, as stochastic weight averaging takes the mean of late iterates; if
+  the last iterate's noise is what the freeze costs, the mean removes it.
 - ``no-warmup``: the default rule with a one-step warm-up and no ramp: the same number of
   lowest blocks freezes after the first step, so only the top blocks' LoRA trains (what
   training less of the model from the start gives).
@@ -34,6 +38,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -49,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 # Variants that replay the default's plan with the frozen blocks' learning rate reshaped.
-SHAPED = ("anneal", "boost")
+SHAPED = ("anneal", "boost", "average")
 VARIANTS = ("lora", "safe", "no-warmup", *SHAPED)
 PAGE = ROOT / "docs" / "before-freeze.md"
 RESULTS = ROOT / "benchmarks" / "results" / "before_freeze_cpu.json"
@@ -83,6 +88,16 @@ def boost(step: int, freeze_step: int) -> float:
 FACTORS: dict[str, Callable[[int, int], float]] = {"anneal": anneal, "boost": boost}
 
 
+def _members(model: Any, freeze_steps: Mapping[str, int]) -> list[tuple[Any, int]]:
+    """Each parameter under a unit of ``freeze_steps``, with its unit's freeze step."""
+    return [
+        (p, step)
+        for name, p in model.named_parameters()
+        for unit, step in freeze_steps.items()
+        if name.startswith(unit + ".")
+    ]
+
+
 def shape_learning_rate(
     optimizer: Any, model: Any, freeze_steps: Mapping[str, int], factor: Callable[[int, int], float]
 ) -> None:
@@ -94,13 +109,7 @@ def shape_learning_rate(
     """
     import torch
 
-    # Each parameter under a unit with its unit's freeze step, found once.
-    members = [
-        (p, step)
-        for name, p in model.named_parameters()
-        for unit, step in freeze_steps.items()
-        if name.startswith(unit + ".")
-    ]
+    members = _members(model, freeze_steps)
     done = [0]  # optimizer steps taken
     before: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
@@ -120,6 +129,38 @@ def shape_learning_rate(
 
     optimizer.register_step_pre_hook(pre)
     optimizer.register_step_post_hook(post)
+
+
+def average_before_freeze(optimizer: Any, model: Any, freeze_steps: Mapping[str, int]) -> None:
+    """Set each unit in ``freeze_steps`` to the mean of its late weights just before its freeze.
+
+    A unit freezing after step ``f`` takes the mean of its weights after steps ``f // 2 + 1``
+    to ``f``, written by a step hook of ``optimizer`` (the optimizer SAFE wraps) at step ``f``,
+    so SAFE freezes and merges the mean. Parameters that do not train are left alone.
+    """
+    import torch
+
+    members = [(p, f) for p, f in _members(model, freeze_steps) if p.requires_grad]
+    sums: dict[int, torch.Tensor] = {}
+    done = [0]  # optimizer steps taken
+
+    def post(*_: Any) -> None:
+        done[0] += 1
+        with torch.no_grad():
+            for i, (p, freeze_step) in enumerate(members):
+                if freeze_step // 2 < done[0] <= freeze_step:
+                    sums.setdefault(i, torch.zeros_like(p)).add_(p)
+                if done[0] == freeze_step:
+                    p.copy_(sums.pop(i) / (freeze_step - freeze_step // 2))
+
+    optimizer.register_step_post_hook(post)
+
+
+def shaper(variant: str) -> Callable[[Any, Any, Mapping[str, int]], None]:
+    """What ``variant`` does to the blocks that freeze: ``(optimizer, model, freeze_steps) -> None``."""
+    if variant == "average":
+        return average_before_freeze
+    return functools.partial(shape_learning_rate, factor=FACTORS[variant])
 
 
 def one_run(job: dict[str, Any]) -> dict[str, Any]:
@@ -143,11 +184,9 @@ def one_run(job: dict[str, Any]) -> dict[str, Any]:
         options["config"] = dataclasses.replace(SAFEConfig.for_run(total), warmup_steps=1, freeze_end_step=1)
     elif variant in SHAPED:
         plan = FreezePlan.from_dict(job["plan"], source="the default's plan")
-        freeze_steps, factor = plan.unit_freeze_steps, FACTORS[variant]
+        freeze_steps, shape = plan.unit_freeze_steps, shaper(variant)
         options["plan"] = plan
-        options["setup"] = lambda safe: shape_learning_rate(
-            safe.optimizer, safe.controller.model, freeze_steps, factor
-        )
+        options["setup"] = lambda safe: shape(safe.optimizer, safe.controller.model, freeze_steps)
     started = time.perf_counter()
     result = train(variant, task, train_data, test_data, seed=job["seed"], **options)
     plan = result.plan
@@ -270,10 +309,11 @@ def render(data: dict[str, Any]) -> str:
         "SAFE's default freezes the lower blocks during the ramp, while their learning rate is "
         "still high, and ends about a point of accuracy below LoRA on Rotten Tomatoes "
         "([benchmarks](benchmarks.md)). Would the frozen blocks do better if their training "
-        "before the freeze were shaped? `anneal` and `boost` freeze the same blocks at the same "
-        "steps as the default on the same seed (they replay the default's plan), so they cost the "
-        "same FLOPs and store the same activations; only the learning rate of the blocks that "
-        "freeze changes before their freeze. `no-warmup` gives those blocks no training at all:",
+        "before the freeze were shaped? `anneal`, `boost` and `average` freeze the same blocks at "
+        "the same steps as the default on the same seed (they replay the default's plan), so they "
+        "cost the same FLOPs and store the same activations; only the learning rate of the blocks "
+        "that freeze changes before their freeze, or, for `average`, the weights they freeze with. "
+        "`no-warmup` gives those blocks no training at all:",
         "",
         "| variant | the blocks that freeze |",
         "| --- | --- |",
@@ -281,6 +321,9 @@ def render(data: dict[str, Any]) -> str:
         "| anneal | learning rate decaying linearly to zero over the second half of their training "
         "(from half their freeze step to it), as FreezeOut anneals a layer before freezing it |",
         "| boost | twice the learning rate until their freeze |",
+        "| average | frozen and merged with the mean of their weights after each step of the second "
+        "half of their training (from half their freeze step to it), as stochastic weight averaging "
+        "averages late iterates, instead of the last step's |",
         "| no-warmup | the default rule with a one-step warm-up and no ramp: as many of the lowest "
         "blocks freeze after the first step, so only the top blocks' LoRA trains |",
         "",

@@ -518,6 +518,21 @@ def test_scoring_cost_smoke_run_writes_its_figures(tmp_path: Path, monkeypatch: 
 before_freeze = _load(REPO / "benchmarks" / "before_freeze.py")
 
 
+def _two_layer_net() -> Any:
+    """A small two-layer network, the same weights on every call: unit "0" is its first layer."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def _batch() -> Any:
+    import torch
+
+    return torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+
+
 def test_learning_rate_factors_before_a_freeze() -> None:
     anneal, boost = before_freeze.anneal, before_freeze.boost
     # Annealing: full rate up to half the freeze step, then linearly down to the freeze.
@@ -529,13 +544,8 @@ def test_learning_rate_factors_before_a_freeze() -> None:
 def test_shaped_learning_rate_matches_a_param_group_at_that_rate() -> None:
     """Scaling a unit's update after an AdamW step trains it as AdamW at the scaled rate would."""
     import torch
-    from torch import nn
 
-    def model() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
-
-    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    model, x = _two_layer_net, _batch()
     shaped, grouped = model(), model()
     opt = torch.optim.AdamW(shaped.parameters(), lr=0.1, weight_decay=0.1)
     # Unit "0" (the first linear layer) at half the rate until its freeze after 2 steps.
@@ -552,6 +562,29 @@ def test_shaped_learning_rate_matches_a_param_group_at_that_rate() -> None:
         for a, b in zip(shaped.parameters(), grouped.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(model()[0].weight, shaped[0].weight)
+
+
+def test_average_freezes_a_unit_with_the_mean_of_its_late_weights() -> None:
+    """A unit freezing after step 4 holds, after that step, the mean of its weights after steps 3 and 4."""
+    import torch
+
+    model, x = _two_layer_net, _batch()
+    averaged, plain = model(), model()
+    opts = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (averaged, plain)]
+    before_freeze.average_before_freeze(opts[0], averaged, {"0": 4})
+    late = []
+    for step in range(1, 5):
+        for net, optimizer in zip((averaged, plain), opts, strict=True):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+        if step < 4:  # the unit's weights follow plain SGD until its freeze step
+            torch.testing.assert_close(averaged[0].weight, plain[0].weight)
+        if step >= 3:
+            late.append(plain[0].weight.detach().clone())
+    torch.testing.assert_close(averaged[0].weight, (late[0] + late[1]) / 2)
+    assert not torch.allclose(averaged[0].weight, plain[0].weight)
+    torch.testing.assert_close(averaged[2].weight, plain[2].weight)  # not a freezing unit
 
 
 @pytest.mark.slow
@@ -573,4 +606,4 @@ def test_before_freeze_smoke_run_replays_the_default_freezes(tmp_path: Path) -> 
     assert step == 1 and not rest and units == [u for _, us in safe["frozen"] for u in us]
     assert runs["no-warmup"]["flops"] < safe["flops"] < runs["lora"]["flops"]
     text = docs.read_text()
-    assert data["command"] in text and "| anneal | " in text and "| no-warmup | " in text
+    assert data["command"] in text and all(f"| {v} | " in text for v in ("anneal", "average", "no-warmup"))
