@@ -53,7 +53,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
-# Variants that replay the default's plan with the frozen blocks' learning rate reshaped.
+# Variants that replay the default's plan with the frozen blocks' learning rate, or the weights
+# they freeze with, reshaped.
 SHAPED = ("anneal", "boost", "average")
 VARIANTS = ("lora", "safe", "no-warmup", *SHAPED)
 PAGE = ROOT / "docs" / "before-freeze.md"
