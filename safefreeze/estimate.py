@@ -209,7 +209,9 @@ def _prefix_costs(
         for pair in trainable:
             site = trial.get_submodule(pair.site)
             handles.append(site.register_forward_hook(lambda *_, name=pair.name: ran.add(name)))
-    try:  # with the engine live, as in the run: eval_frozen holds its frozen blocks in evaluation mode
+    # With the engine live, as in the run: eval_frozen holds its frozen blocks, or their
+    # attention, in evaluation mode.
+    try:
         _, costs = measure_step(trial, functools.partial(_checked_loss, loss_fn, trial))
     finally:
         for handle in handles:

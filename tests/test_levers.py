@@ -524,13 +524,6 @@ def test_frozen_blocks_run_in_evaluation_mode_whatever_model_train_says() -> Non
     assert set(seen.values()) == {True}
 
 
-LAYER_UNITS = [f"{LAYER}.{i}" for i in range(4)]
-
-
-def _attention_dropout(layer: int) -> str:
-    return f"{LAYER}.{layer}.attention.self.dropout"
-
-
 def test_by_default_only_the_frozen_blocks_attention_runs_in_evaluation_mode() -> None:
     assert SAFEConfig().eval_frozen == "attention" and SAFEConfig.paper().eval_frozen is False
     config = SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5)
@@ -545,16 +538,17 @@ def test_by_default_only_the_frozen_blocks_attention_runs_in_evaluation_mode() -
     # The hidden-state dropout of the frozen blocks and every dropout of the others still draw.
     assert len(seen) == 10 and set(seen.values()) == {True}
     assert model.get_submodule(f"{LAYER}.0.attention").training
-    assert model.get_submodule(_attention_dropout(0)).training is False
+    assert model.get_submodule(f"{LAYER}.0.attention.self.dropout").training is False
     optimizer.close()
     model.train()
     assert all(model.get_submodule(n).training for n in held)
 
 
 def test_frozen_units_keep_all_their_dropout_without_eval_frozen_and_under_the_papers_rule() -> None:
-    adapters = [f"{LAYER}.{i}.attention.self.{p}" for i in range(4) for p in ("query", "value")]
+    blocks = [f"{LAYER}.{i}" for i in range(4)]
+    adapters = [f"{b}.attention.self.{p}" for b in blocks for p in ("query", "value")]
     for config, units in (
-        (SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, eval_frozen=False), LAYER_UNITS),
+        (SAFEConfig(warmup_steps=2, freeze_end_step=2, tau_target=0.5, eval_frozen=False), blocks),
         (SAFEConfig.paper(warmup_steps=2, freeze_end_step=2, tau_target=0.5), adapters),
     ):
         optimizer = _record(config, {u: 0.1 * (i + 1) for i, u in enumerate(units)}, 3)
