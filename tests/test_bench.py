@@ -286,6 +286,9 @@ def test_smoke_run_and_its_page(tmp_path: Path) -> None:
         assert run["step_flops"][:first] == safe["step_flops"][:first]
         assert run["plan"]["config"]["eval_frozen"] is held
     assert safe["plan"]["config"]["eval_frozen"] == "attention"
+    # Less dropout never costs more counted FLOPs: eval-frozen <= safe <= dropout-kept, step by step.
+    for lower, upper in ((runs["eval-frozen"], safe), (safe, runs["dropout-kept"])):
+        assert all(a <= b for a, b in zip(lower["step_flops"], upper["step_flops"], strict=True))
     assert data["complete"] and data["sizes"]["total_steps"] == 4
     assert data["together"] is True  # on CPU the variants take turns step by step
     page = report.render({"cpu": data}, tmp_path).read_text()
