@@ -17,9 +17,10 @@ head (``SentenceClassifier``).
    a few more steps are timed (median); on CUDA the peak allocated memory is read over
    those steps, after a reset that follows the counted (warm-up) step.
 2. A short real run on the full 30-layer model: plain LoRA vs ``SAFEOptimizer`` with the
-   default rule and schedule (``SAFEConfig.for_run(steps)``), the default rule with a
-   shorter warm-up (``SHORT_SCHEDULE``), the rule that lets the scores pick the prefix
-   (``order="prefix"``) and the paper's rule on the default schedule; one seed, the same data
+   default rule and schedule (``SAFEConfig.for_run(steps)``), the default rule over the
+   schedule ``for_run`` gives the rules the scores steer (a quarter and a half of the run),
+   the rule that lets the scores pick the prefix (``order="prefix"``) and the paper's rule
+   over that schedule; one seed, the same data
    order, accuracy and macro-F1 on a fixed test subset. Each step's costs are counted the
    first time its situation (scoring or not, what is frozen) occurs and reused for later
    steps of the same situation.
@@ -398,29 +399,24 @@ def training_batches(
     return itertools.islice(batches(train_data, task, seed), steps)
 
 
-# Warm-up end and ramp end, as shares of the run, of the short-warmup variant (the shorter
-# schedule of docs/tradeoff.md).
-SHORT_SCHEDULE = (0.1, 0.3)
-
-
 def run_configs(steps: int) -> dict[str, SAFEConfig | None]:
     """The real run's variants for ``steps`` optimizer steps: name -> config (None: plain LoRA).
 
     ``safe`` is the default (as many blocks as the threshold allows, lowest first, whatever
-    they score); ``short-warmup`` the default whose warm-up and ramp end at the shares of
-    ``SHORT_SCHEDULE``; ``score-prefix`` the default with ``order="prefix"`` (the scores pick
-    the lower prefix); ``paper`` the paper's rule with the default's warm-up and ramp.
+    they score); ``quarter-half`` the default over the schedule that ``for_run`` gives the
+    rules the scores steer (warm-up to a quarter of the run, ramp to half); ``score-prefix``
+    ``for_run(steps, order="prefix")`` (the scores pick the lower prefix); ``paper`` the
+    paper's rule over that same schedule.
     """
     default = SAFEConfig.for_run(steps)
-    warmup = max(1, round(SHORT_SCHEDULE[0] * steps))
+    led = SAFEConfig.for_run(steps, order="score")
+    schedule = {"warmup_steps": led.warmup_steps, "freeze_end_step": led.freeze_end_step}
     return {
         "lora": None,
         "safe": default,
-        "short-warmup": dataclasses.replace(
-            default, warmup_steps=warmup, freeze_end_step=max(warmup, round(SHORT_SCHEDULE[1] * steps))
-        ),
-        "score-prefix": dataclasses.replace(default, order="prefix"),
-        "paper": SAFEConfig.paper(warmup_steps=default.warmup_steps, freeze_end_step=default.freeze_end_step),
+        "quarter-half": dataclasses.replace(default, **schedule),
+        "score-prefix": SAFEConfig.for_run(steps, order="prefix"),
+        "paper": SAFEConfig.paper(**schedule),
     }
 
 
@@ -1039,20 +1035,21 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             else ""
         )
         + (
-            f"; short warm-up: the default with the warm-up ending at step "
-            f"{run['variants']['short-warmup']['config']['warmup_steps']} and the ramp at step "
-            f"{run['variants']['short-warmup']['config']['freeze_end_step']}"
-            if "short-warmup" in run["variants"]
+            f"; quarter / half: the default rule with the warm-up ending at step "
+            f"{run['variants']['quarter-half']['config']['warmup_steps']} and the ramp at step "
+            f"{run['variants']['quarter-half']['config']['freeze_end_step']}, the schedule `for_run` "
+            "gives the rules the scores steer"
+            if "quarter-half" in run["variants"]
             else ""
         )
         + (
-            '; score-prefix: the default with `order="prefix"` (the scores pick the lower prefix, '
-            "which stops below the lowest block scoring at or above the threshold)"
+            '; score-prefix: `SAFEConfig.for_run(steps, order="prefix")` (the scores pick the lower '
+            "prefix, which stops below the lowest block scoring at or above the threshold)"
             if "score-prefix" in run["variants"]
             else ""
         )
         + (
-            "; paper's rule: `SAFEConfig.paper(...)` with the default's warm-up and ramp (per-adapter "
+            "; paper's rule: `SAFEConfig.paper(...)` over that same warm-up and ramp (per-adapter "
             "units, scores over the top score, every adapter below the threshold freezes, no merge)"
             if "paper" in run["variants"]
             else ""
@@ -1071,7 +1068,7 @@ def _run_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     labels = {
         "lora": "LoRA",
         "safe": "SAFE (default)",
-        "short-warmup": "short warm-up",
+        "quarter-half": "default, quarter / half",
         "paper": "paper's rule",
     }
     for key, v in run["variants"].items():
@@ -1187,7 +1184,7 @@ def _scores_section(results: dict[str, Any]) -> list[str]:
         "throughout and freezing nothing (`tau_target=0`), so it trains as plain LoRA does; the "
         "statistics are sums over the scored steps, so the running block scores after step W are "
         f"those SAFE would finalize with `warmup_steps=W` scoring every warm-up step, as the rules that "
-        f"read the scores do (the default for this run is "
+        f"read the scores do (`SAFEConfig.for_run` gives them "
         f"W = {sc['default_warmup']}). Scores are rank-normalized as by default (the share of blocks "
         'scoring lower). "Prefix" is how many blocks the rule that lets the scores pick the prefix '
         f'(`order="prefix"`) would freeze with these scores once the threshold reaches {tau} (at most '
@@ -1552,7 +1549,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = {
             "layers": layers,
             "steps": args.steps,
-            "default_warmup": SAFEConfig.for_run(args.steps).warmup_steps,
+            "default_warmup": SAFEConfig.for_run(args.steps, order="prefix").warmup_steps,
             "seeds": args.score_seeds,
             "scores": by_seed,
             "summary": score_summary({int(k): v for k, v in by_seed.items()}, tau),

@@ -99,7 +99,7 @@ def run(task: TaskConfig, seeds: list[int], overhead_pairs: int) -> dict[str, An
             "lora": {"eval_at_flops": safe.total_flops},  # where LoRA's FLOPs reach SAFE's total
             "safe": {"config": config},
             "oracle": {"plan": safe.plan},
-            "score-prefix": {"config": dataclasses.replace(config, order="prefix")},
+            "score-prefix": {"config": SAFEConfig.for_run(task.epochs * steps_per_epoch, order="prefix")},
         }
         together = [
             Training(name, task, train_data, test_data, seed=seed, **options[name])

@@ -58,8 +58,8 @@ DEFINITIONS = {
     "{safe_held} (`eval_frozen={safe_eval!r}`)",
     "oracle": "SAFE's recorded plan replayed (`plan=safe.plan`): the same blocks frozen at the same "
     "steps, with no warm-up scoring; what SAFE costs if the choice were known in advance",
-    "score-prefix": 'the default with `order="prefix"`: the scores pick the frozen lower prefix, which '
-    "stops below the lowest block scoring at or above the threshold",
+    "score-prefix": '`SAFEConfig.for_run(total_steps, order="prefix")`: the scores pick the frozen lower '
+    "prefix, which stops below the lowest block scoring at or above the threshold",
     "position": 'SAFE with `order="depth"`, in runs whose `safe` rows used `order="prefix"`: as many '
     "blocks as the threshold allows, lowest first; the scores set how many, never which",
     "eval-frozen": "the default with `eval_frozen=True`: the frozen blocks run in evaluation mode, their "
@@ -67,7 +67,8 @@ DEFINITIONS = {
     "kernel that dropout needs; the blocks above them lose that dropout's regularization",
     "dropout-kept": "the default with `eval_frozen=False`: the frozen blocks keep all their dropout, their "
     "attention's included, as under the paper's rule",
-    "paper": "`SAFEConfig.paper(...)` with the same warm-up and ramp: per-adapter units, scores over "
+    "paper": "`SAFEConfig.paper(...)` with the warm-up and ramp of the rules the scores steer: per-adapter "
+    "units, scores over "
     "the top score (`tau_target` = {paper_tau}), every adapter below the threshold freezes, no merge",
 }
 # What each eval_frozen value does to the frozen blocks, for the page.
@@ -451,6 +452,25 @@ def _scoring_text(cfg: dict[str, Any]) -> str:
     )
 
 
+def _schedules_text(data: dict[str, Any], shown: Sequence[str]) -> str:
+    """Which SAFE variants run over the default's steps, and the steps of those that do not."""
+    cfg = data["config"]
+    steps = (cfg["warmup_steps"], cfg["freeze_end_step"])
+    others: dict[tuple[int, int], list[str]] = {}
+    for name, other in data["configs"].items():
+        if name in shown and (other["warmup_steps"], other["freeze_end_step"]) != steps:
+            others.setdefault((other["warmup_steps"], other["freeze_end_step"]), []).append(name)
+    if not others:
+        return "every SAFE variant uses these steps."
+    text = "; ".join(
+        f"{' and '.join(names)} warm up for {warmup} steps and ramp to step {end} "
+        f"({warmup / data['sizes']['total_steps']:.0%} and {end / data['sizes']['total_steps']:.0%}), "
+        "the schedule `for_run` gives the rules the scores steer"
+        for (warmup, end), names in others.items()
+    )
+    return f"the other SAFE variants use these steps, except: {text}."
+
+
 def _definitions(data: dict[str, Any], shown: Sequence[str]) -> list[str]:
     task, sizes, cfg = data["task"], data["sizes"], data["config"]
     total = sizes["total_steps"]
@@ -467,7 +487,7 @@ def _definitions(data: dict[str, Any], shown: Sequence[str]) -> list[str]:
         f"SAFE's schedule: warm-up (every unit trains; {_scoring_text(cfg)}) for the first "
         f"{cfg['warmup_steps']} steps, the threshold ramps to `tau_target` by step {cfg['freeze_end_step']} "
         f"(`SAFEConfig.for_run`: {cfg['warmup_steps'] / total:.0%} and "
-        f"{cfg['freeze_end_step'] / total:.0%} of the run); every SAFE variant uses these steps.",
+        f"{cfg['freeze_end_step'] / total:.0%} of the run); {_schedules_text(data, shown)}",
         "",
         "| variant | what runs |",
         "| --- | --- |",

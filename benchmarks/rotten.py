@@ -5,9 +5,10 @@ Variants, each over the same seeds, data order, dropout and hyperparameters:
 - ``safe``: SAFE with ``SAFEConfig.for_run(total_steps)`` (the library's default rule).
 - ``lora``: plain LoRA; also evaluated at the first step whose FLOPs reach the SAFE run's
   total of the same seed (``lora_budget``: LoRA stopped at SAFE's FLOPs budget).
-- ``paper``: ``SAFEConfig.paper`` with the same warm-up and ramp steps.
-- ``score-prefix``: the default with ``order="prefix"``: the scores pick the frozen lower
-  prefix, which stops at the lowest block scoring at or above the threshold.
+- ``paper``: ``SAFEConfig.paper`` with the warm-up and ramp ``for_run`` gives the rules that
+  read the scores (``order="score"``).
+- ``score-prefix``: ``SAFEConfig.for_run(total_steps, order="prefix")``: the scores pick the
+  frozen lower prefix, which stops at the lowest block scoring at or above the threshold.
 - ``oracle``: SAFE's recorded plan replayed: its final set at its steps, with no scoring.
 - ``eval-frozen``: the default with ``eval_frozen=True``: the frozen blocks run in evaluation
   mode (dropout off).
@@ -92,11 +93,11 @@ report = _load_report()
 def configs(total_steps: int) -> dict[str, SAFEConfig]:
     """The SAFE config of every variant that records one, for a run of ``total_steps``."""
     safe = SAFEConfig.for_run(total_steps)
-    steps = {"warmup_steps": safe.warmup_steps, "freeze_end_step": safe.freeze_end_step}
+    led = SAFEConfig.for_run(total_steps, order="score")
     out = {
         "safe": safe,
-        "paper": SAFEConfig.paper(**steps),
-        "score-prefix": dataclasses.replace(safe, order="prefix"),
+        "paper": SAFEConfig.paper(warmup_steps=led.warmup_steps, freeze_end_step=led.freeze_end_step),
+        "score-prefix": SAFEConfig.for_run(total_steps, order="prefix"),
         "eval-frozen": dataclasses.replace(safe, eval_frozen=True),
         "dropout-kept": dataclasses.replace(safe, eval_frozen=False),
     }

@@ -12,9 +12,10 @@ from safefreeze.selection import NORMALIZATIONS as _NORMALIZATIONS
 from safefreeze.selection import ORDERS as _ORDERS
 from safefreeze.selection import UNITS as _UNITS
 
-# Shares of a run's optimizer steps at which SAFEConfig.for_run ends the warm-up and the ramp.
-WARMUP_SHARE = 0.25
-FREEZE_END_SHARE = 0.5
+# Shares of a run's optimizer steps at which SAFEConfig.for_run ends the warm-up and the ramp,
+# by order: the lowest-first rule does not read the scores, so its warm-up is short and its ramp
+# long; the rules that read them keep a warm-up long enough for the block ranking to settle.
+SCHEDULE_SHARES = {"depth": (0.1, 0.6), "prefix": (0.25, 0.5), "score": (0.25, 0.5)}
 # Warm-up steps scored by default (score_every=None) under a rule the scores do not steer.
 UNSTEERED_SCORED_STEPS = 8
 # The eval_frozen value that runs only a frozen unit's attention modules in evaluation mode.
@@ -228,10 +229,14 @@ class SAFEConfig:
     def for_run(cls, total_steps: int, **changes: Any) -> SAFEConfig:
         """A config scaled to a run of ``total_steps`` optimizer steps.
 
-        The warm-up takes the first quarter of the steps (every block trains, and the scores
-        that ``order="prefix"`` and ``"score"`` read rank the blocks consistently by then) and
-        the threshold reaches ``tau_target`` at half, so the frozen units stay frozen for the
-        second half.
+        The shares of the run come from ``SCHEDULE_SHARES`` and depend on the ``order`` in
+        ``changes`` (default ``"depth"``). The lowest-first rule freezes whatever the blocks
+        score, so its warm-up takes the first tenth of the steps and the threshold reaches
+        ``tau_target`` at six tenths: the lowest blocks freeze early and the highest frozen
+        block trains for a third of the run, which is what keeps the accuracy. Under
+        ``order="prefix"`` and ``"score"`` the scores pick the frozen units, so the warm-up
+        takes the first quarter (the block ranking is settled by then, less so at a tenth) and
+        the ramp ends at half.
 
         Raises:
             ValueError: If ``total_steps`` is not a positive integer.
@@ -239,14 +244,19 @@ class SAFEConfig:
         Example:
             >>> cfg = SAFEConfig.for_run(1000)
             >>> cfg.warmup_steps, cfg.freeze_end_step
+            (100, 600)
+            >>> cfg = SAFEConfig.for_run(1000, order="prefix")
+            >>> cfg.warmup_steps, cfg.freeze_end_step
             (250, 500)
         """
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"for_run requires an integer total_steps >= 1, got {total_steps!r}")
-        warmup = max(1, round(WARMUP_SHARE * total_steps))
+        order = changes.get("order", cls.order)
+        warmup_share, end_share = SCHEDULE_SHARES.get(order, SCHEDULE_SHARES["score"])
+        warmup = max(1, round(warmup_share * total_steps))
         fields = {
             "warmup_steps": warmup,
-            "freeze_end_step": max(warmup, round(FREEZE_END_SHARE * total_steps)),
+            "freeze_end_step": max(warmup, round(end_share * total_steps)),
         }
         return cls(**{**fields, **changes})
 

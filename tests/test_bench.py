@@ -210,9 +210,12 @@ def test_configs_switch_one_lever_each() -> None:
     cfgs = rotten.configs(337)
     safe = cfgs["safe"]
     assert safe == SAFEConfig.for_run(337)
-    steps = {"warmup_steps": safe.warmup_steps, "freeze_end_step": safe.freeze_end_step}
-    assert cfgs["paper"] == SAFEConfig.paper(**steps)
-    assert safe.order == "depth" and dataclasses.replace(safe, order="prefix") == cfgs["score-prefix"]
+    assert (safe.warmup_steps, safe.freeze_end_step) == (34, 202)
+    # The rules the scores steer run over the schedule for_run gives them: a quarter, a half.
+    assert cfgs["paper"] == SAFEConfig.paper(warmup_steps=84, freeze_end_step=168)
+    assert safe.order == "depth" and SAFEConfig.for_run(337, order="prefix") == cfgs["score-prefix"]
+    led = {"warmup_steps": 84, "freeze_end_step": 168}
+    assert dataclasses.replace(safe, order="prefix", **led) == cfgs["score-prefix"]
     assert safe.eval_frozen == "attention"
     assert dataclasses.replace(safe, eval_frozen=True) == cfgs["eval-frozen"]
     assert dataclasses.replace(safe, eval_frozen=False) == cfgs["dropout-kept"]
@@ -224,6 +227,20 @@ def test_configs_switch_one_lever_each() -> None:
         }
         assert changed == set(lever), name
         assert all(getattr(cfgs["paper"], k) == v for k, v in lever.items())  # the paper's setting
+
+
+def test_the_page_names_the_variants_that_run_over_another_schedule() -> None:
+    cfgs = rotten.configs(337)
+    data = {
+        "config": cfgs["safe"].to_dict(),
+        "configs": {name: cfg.to_dict() for name, cfg in cfgs.items()},
+        "sizes": {"total_steps": 337},
+    }
+    assert report._schedules_text(data, ["safe", "eval-frozen", "score-prefix", "paper"]) == (
+        "the other SAFE variants use these steps, except: paper and score-prefix warm up for 84 steps "
+        "and ramp to step 168 (25% and 50%), the schedule `for_run` gives the rules the scores steer."
+    )
+    assert report._schedules_text(data, ["safe", "eval-frozen"]) == "every SAFE variant uses these steps."
 
 
 def test_variants_are_checked_before_any_work() -> None:

@@ -77,9 +77,9 @@ def test_the_overhead_measurement_scores_every_step_whatever_the_rule_scores() -
     from safefreeze.cka._torch import STAT_BATCHES
     from safefreeze.demo.task import always_scoring
 
-    # The default rule scores every 11th of 84 warm-up steps; the measurement must not.
+    # The default rule scores every 5th of 34 warm-up steps; the measurement must not.
     config = SAFEConfig.for_run(337)
-    assert config.score_interval == 11
+    assert (config.warmup_steps, config.score_interval) == (34, 5)
     train, _ = load_drug_reviews()
     data = encode(train, SMOKE)
     batch = {k: v[: SMOKE.batch_size] for k, v in data.items()}
@@ -321,7 +321,7 @@ def test_it_says_why_a_saving_is_small(smoke: Smoke) -> None:
         f"work are saved only below it, and only from step {first} of 8 on"
     )
     score, threshold = plan.normalized_scores[lowest], plan.threshold_at(8)
-    if score >= threshold:  # the prefix stopped below a block that scored high
+    if result.config.order == "prefix" and score >= threshold:  # the prefix stopped below a high scorer
         line += f"; {block} scored {score:.2f}, not below the threshold {threshold:.2f}, "
         line += "so the prefix stopped there"
     # Large savings need no explanation; a run where nothing froze says so.
@@ -342,6 +342,21 @@ def test_it_says_why_a_saving_is_small(smoke: Smoke) -> None:
     assert "why: nothing froze, so SAFE cost what LoRA costs, plus scoring in the warm-up" in text
     if small > 0.5:
         assert why == [line]
+        # Under the prefix rule the line says whether the lowest trainable block's score stopped
+        # the prefix; under the default rule, which freezes whatever the blocks score, never.
+        prefix = dataclasses.replace(result.config, order="prefix")
+        for lowest_score, stopped in ((0.99, True), (0.01, False)):
+            scores = {**plan.normalized_scores, lowest: lowest_score}
+            high = dataclasses.replace(plan, normalized_scores=scores)
+            said = summary(
+                dataclasses.replace(result, config=prefix, safe=dataclasses.replace(result.safe, plan=high))
+            )
+            clause = (
+                f"; {block} scored {lowest_score:.2f}, not below the threshold {threshold:.2f}, so the prefix"
+            )
+            assert (clause in said) == stopped
+            default = summary(dataclasses.replace(result, safe=dataclasses.replace(result.safe, plan=high)))
+            assert "so the prefix stopped there" not in default
 
 
 def test_both_runs_are_in_one_mlflow_experiment_with_their_metrics(smoke: Smoke) -> None:

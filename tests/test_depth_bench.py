@@ -411,13 +411,14 @@ def test_render_states_the_command_and_the_numbers() -> None:
         "- score-prefix: froze nothing, so it trained as plain LoRA did: whole run 1.00x LoRA's FLOPs, "
         "accuracy +0.000 against LoRA." in page
     )
-    # The short warm-up variant is defined from its own recorded config.
+    # The quarter / half variant is defined from its own recorded config.
     results = _results()
-    short = dict(results["run"]["variants"]["safe"], config=depth.run_configs(100)["short-warmup"].to_dict())
-    results["run"]["variants"]["short-warmup"] = short
+    led = dict(results["run"]["variants"]["safe"], config=depth.run_configs(100)["quarter-half"].to_dict())
+    results["run"]["variants"]["quarter-half"] = led
     page = depth.render(results)
-    assert "; short warm-up: the default with the warm-up ending at step 10 and the ramp at step 30. " in page
-    assert "| short warm-up | 0.800 |" in page
+    said = "; quarter / half: the default rule with the warm-up ending at step 25 and the ramp at step 50, "
+    assert said in page
+    assert "| default, quarter / half | 0.800 |" in page
 
 
 def test_render_notices_when_safe_keeps_what_a_shallower_lora_keeps() -> None:
@@ -484,11 +485,12 @@ def test_from_json_and_attach_render_the_page(tmp_path: Path) -> None:
     assert docs.read_text().count("## On `cuda`") == 1
 
 
-def test_run_configs_are_the_default_on_two_schedules_and_the_score_led_rules_on_the_default_one() -> None:
+def test_run_configs_are_the_default_on_two_schedules_and_the_score_led_rules_on_theirs() -> None:
     configs = depth.run_configs(100)
     assert configs["lora"] is None
     assert configs["safe"] == SAFEConfig.for_run(100) == SAFEConfig.for_run(100, order="depth")
-    assert configs["short-warmup"] == SAFEConfig.for_run(100, warmup_steps=10, freeze_end_step=30)
+    assert (configs["safe"].warmup_steps, configs["safe"].freeze_end_step) == (10, 60)
+    assert configs["quarter-half"] == SAFEConfig.for_run(100, warmup_steps=25, freeze_end_step=50)
     assert configs["score-prefix"] == SAFEConfig.for_run(100, order="prefix")
     assert configs["paper"] == SAFEConfig.paper(warmup_steps=25, freeze_end_step=50)
 

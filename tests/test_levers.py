@@ -210,7 +210,12 @@ def test_the_paper_config_is_the_papers_rule() -> None:
 
 
 def test_for_run_scales_the_schedule_to_the_run() -> None:
-    assert (SAFEConfig.for_run(337).warmup_steps, SAFEConfig.for_run(337).freeze_end_step) == (84, 168)
+    assert (SAFEConfig.for_run(337).warmup_steps, SAFEConfig.for_run(337).freeze_end_step) == (34, 202)
+    # The rules the scores steer keep a quarter of the run to score and ramp to half.
+    for order in ("prefix", "score"):
+        config = SAFEConfig.for_run(337, order=order)
+        assert (config.order, config.warmup_steps, config.freeze_end_step) == (order, 84, 168)
+    assert SAFEConfig.for_run(337, order="depth", warmup_steps=5).warmup_steps == 5  # changes win
     assert (SAFEConfig.for_run(1).warmup_steps, SAFEConfig.for_run(1).freeze_end_step) == (1, 1)
     assert SAFEConfig.for_run(100, tau_target=0.5).tau_target == 0.5
     for bad in (0, -3, 2.5, True):
