@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     each seed's default plan."""
     import torch
 
+    from safefreeze.config import SCHEDULE_SHARES
+
     base = [
         {"task": t, "seed": s, "threads": args.threads, "limit": args.limit}
         for t in args.tasks
@@ -239,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python benchmarks/before_freeze.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "schedule_shares": list(SCHEDULE_SHARES["depth"]),
         "runs": results,
     }
 
@@ -298,6 +301,11 @@ def _points(value: float | None) -> str:
     return "—" if value is None else f"{value:+.2f}"
 
 
+def _schedule_text(shares: list[float]) -> str:
+    warmup, end = shares
+    return f"a warm-up of the first {warmup:.0%} of the run and a ramp to {end:.0%} of it in these runs"
+
+
 def render(data: dict[str, Any]) -> str:
     """The Markdown page for one results file."""
     rows = summarize(data)
@@ -318,7 +326,8 @@ def render(data: dict[str, Any]) -> str:
         "",
         "| variant | the blocks that freeze |",
         "| --- | --- |",
-        "| safe | SAFE's default, `SAFEConfig.for_run(total_steps)` |",
+        "| safe | SAFE's default, `SAFEConfig.for_run(total_steps)`: "
+        f"{_schedule_text(data['schedule_shares'])} |",
         "| anneal | learning rate decaying linearly to zero over the second half of their training "
         "(from half their freeze step to it), as FreezeOut anneals a layer before freezing it |",
         "| boost | twice the learning rate until their freeze |",

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from safefreeze import SAFEConfig
+from safefreeze.config import SCHEDULE_SHARES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -625,5 +626,7 @@ def test_before_freeze_smoke_run_replays_the_default_freezes(tmp_path: Path) -> 
     (step, units), *rest = runs["no-warmup"]["frozen"]
     assert step == 1 and not rest and units == [u for _, us in safe["frozen"] for u in us]
     assert runs["no-warmup"]["flops"] < safe["flops"] < runs["lora"]["flops"]
+    assert data["schedule_shares"] == list(SCHEDULE_SHARES["depth"])  # the page says what the default was
     text = docs.read_text()
     assert data["command"] in text and all(f"| {v} | " in text for v in ("anneal", "average", "no-warmup"))
+    assert "a warm-up of the first 10% of the run and a ramp to 60% of it in these runs" in text
